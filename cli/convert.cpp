@@ -1,0 +1,153 @@
+// `diskferry convert` and `diskferry measure`.
+#include <fmt/format.h>
+#include <unistd.h>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "commands.hpp"
+#include "image/layout.hpp"
+#include "pipeline/convert.hpp"
+#include "util/error.hpp"
+#include "util/size.hpp"
+
+namespace diskferry::cli {
+namespace {
+
+// Options shared by convert and measure.
+struct ImageArgs {
+  std::string source;
+  std::string format;
+  std::string cluster_size = "64K";
+  std::string qcow2_compression;
+  std::string block_size = "32M";
+  std::string compress = "none";
+  std::string layout;
+  int threads = 0;
+  bool progress = false, no_progress = false;
+
+  void add(CLI::App& c) {
+    c.add_option("SOURCE", source,
+                 "Raw image file or block device, gzip/zstd-compressed raw image (detected by its "
+                 "magic bytes), or - for stdin")
+        ->required();
+    c.add_option("-O,--format", format, "Output format: qcow2, vhdx or raw")->required();
+    c.add_option("--cluster-size", cluster_size,
+                 "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
+    c.add_option("--qcow2-compression", qcow2_compression,
+                 "Compress each qcow2 cluster (like qemu-img convert -c): zlib or zstd. The "
+                 "image stays directly usable by QEMU");
+    c.add_option("--block-size", block_size,
+                 "VHDX block size, a power of two from 1M to 256M (default 32M)");
+    c.add_option("--compress", compress,
+                 "Compress the whole output: none, zstd[:LEVEL] (1-19, all cores) or "
+                 "gzip[:LEVEL] (1-9). Default none");
+    c.add_option("--layout", layout,
+                 "Read only the ranges listed in this `rbd diff --whole-object --format=json` "
+                 "file; everything else is written as zeros");
+    c.add_option("--threads", threads, "Compression threads (default: all cores)");
+    c.add_flag("--progress", progress,
+               "Show progress on stderr (default when stderr is a terminal)");
+    c.add_flag("--no-progress", no_progress, "Never show progress");
+  }
+
+  ConvertOptions options() const {
+    ConvertOptions o;
+    o.writer.format = parse_format(format);
+    uint64_t cs = parse_size(cluster_size, "--cluster-size");
+    uint64_t bs = parse_size(block_size, "--block-size");
+    if (cs > UINT32_MAX || bs > UINT32_MAX)
+      throw Error(ErrorKind::Usage, "--cluster-size/--block-size: too large");
+    o.writer.cluster_size = static_cast<uint32_t>(cs);
+    o.writer.block_size = static_cast<uint32_t>(bs);
+    if (qcow2_compression.empty())
+      o.writer.cluster_codec = ClusterCodec::None;
+    else if (qcow2_compression == "zlib" || qcow2_compression == "deflate")
+      o.writer.cluster_codec = ClusterCodec::Deflate;
+    else if (qcow2_compression == "zstd")
+      o.writer.cluster_codec = ClusterCodec::Zstd;
+    else
+      throw Error(ErrorKind::Usage, fmt::format("--qcow2-compression '{}': expected zlib or zstd",
+                                                qcow2_compression));
+    o.compress = StreamCompression::parse(compress);
+    int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (threads < 0 || threads > 1024)
+      throw Error(ErrorKind::Usage, "--threads: expected a number from 1 to 1024");
+    o.threads = threads ? threads : cores;
+    o.writer.threads = o.threads;
+    o.progress = !no_progress && (progress || ::isatty(STDERR_FILENO));
+    o.writer.validate();
+    return o;
+  }
+
+  std::unique_ptr<Source> open() const {
+    SourceOptions so;
+    if (!layout.empty()) so.layout = read_rbd_layout(layout);
+    return open_source(source, so);
+  }
+};
+
+}  // namespace
+
+Run add_convert(CLI::App& app) {
+  auto args = std::make_shared<ImageArgs>();
+  auto dest = std::make_shared<std::string>();
+  auto* c = app.add_subcommand(
+      "convert",
+      "Convert a disk image to qcow2, VHDX or raw as a stream, never seeking back in the output.\n"
+      "A file destination is written as DEST.partial and renamed when complete. Output bytes\n"
+      "depend only on the source bytes and the options, so two runs give identical files.\n\n"
+      "Examples:\n"
+      "  diskferry convert vm.img -O qcow2 -o vm.qcow2\n"
+      "  diskferry convert win11.img.gz -O vhdx -o - | ssh host 'cat > win11.vhdx'\n"
+      "  zcat vm.img.gz | diskferry convert - -O qcow2 -o vm.qcow2   (single pass)\n"
+      "  diskferry convert vm.img -O qcow2 --qcow2-compression zstd -o vm.qcow2\n"
+      "  diskferry convert vm.img -O qcow2 --compress zstd -o - > vm.qcow2.zst\n\n"
+      "To a file, qcow2/VHDX are written in one pass and the header is rewritten at the end.\n"
+      "To a pipe (or with --compress), the source is read twice: once to plan, once to write.\n"
+      "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.");
+  args->add(*c);
+  c->add_option("-o,--output", *dest, "Destination file or block device, or - for stdout")
+      ->required();
+  return [args, dest]() {
+    ConvertOptions o = args->options();
+    auto src = args->open();
+    auto sink = open_file_sink(*dest);
+    auto r = convert(*src, std::move(sink), o);
+    if (o.progress)
+      fmt::print(stderr, "wrote {} {} ({} virtual) to {}\n", format_name(o.writer.format),
+                 format_size(r.output_bytes), format_size(r.virtual_size),
+                 *dest == "-" ? "stdout" : *dest);
+    return 0;
+  };
+}
+
+Run add_measure(CLI::App& app) {
+  auto args = std::make_shared<ImageArgs>();
+  auto json = std::make_shared<bool>(false);
+  auto* c = app.add_subcommand(
+      "measure",
+      "Print the exact size `convert` would write with the same options (one read of the\n"
+      "source; with --compress the output is compressed and counted, not stored).");
+  args->add(*c);
+  c->add_flag("--json", *json, "Print {\"size\": N, ...} as JSON");
+  return [args, json]() {
+    ConvertOptions o = args->options();
+    auto src = args->open();
+    auto r = measure(*src, o);
+    if (*json) {
+      nlohmann::json j{{"size", r.output_bytes},
+                       {"image_size", r.image_bytes},
+                       {"virtual_size", r.virtual_size},
+                       {"format", format_name(o.writer.format)}};
+      fmt::print("{}\n", j.dump());
+    } else {
+      fmt::print("size: {} ({})\nvirtual size: {} ({})\nformat: {}{}\n", r.output_bytes,
+                 format_size(r.output_bytes), r.virtual_size, format_size(r.virtual_size),
+                 format_name(o.writer.format), o.compress.extension());
+    }
+    return 0;
+  };
+}
+
+}  // namespace diskferry::cli

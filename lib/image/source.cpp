@@ -1,0 +1,292 @@
+#include "image/source.hpp"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "codec/decode.hpp"
+#include "util/fd.hpp"
+
+namespace diskferry {
+namespace {
+
+UniqueFd open_input(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_errno(ErrorKind::Input, path, "cannot open source", errno);
+  return UniqueFd(fd);
+}
+
+// Zeroes the parts of a unit that a layout file does not list. `layout` is sorted and merged.
+class LayoutMask {
+ public:
+  explicit LayoutMask(const std::optional<std::vector<Extent>>& layout) : layout_(layout) {}
+  bool active() const { return layout_.has_value(); }
+
+  // First offset >= pos that the layout lists, or nullopt past the last range.
+  std::optional<uint64_t> next_listed(uint64_t pos) {
+    while (idx_ < layout_->size() && (*layout_)[idx_].end() <= pos) ++idx_;
+    if (idx_ == layout_->size()) return std::nullopt;
+    return std::max(pos, (*layout_)[idx_].offset);
+  }
+
+  // Zero every byte of [off, off+len) outside the layout. Returns false if nothing is listed.
+  bool apply(uint64_t off, MutableBytes buf) {
+    uint64_t end = off + buf.size();
+    uint64_t pos = off;
+    bool any = false;
+    size_t i = idx_;
+    while (i < layout_->size() && (*layout_)[i].end() <= off) ++i;
+    for (; i < layout_->size() && (*layout_)[i].offset < end; ++i) {
+      const Extent& e = (*layout_)[i];
+      uint64_t s = std::max(e.offset, off), t = std::min(e.end(), end);
+      if (s > pos) std::memset(buf.data() + (pos - off), 0, s - pos);
+      pos = t;
+      any = true;
+    }
+    if (pos < end) std::memset(buf.data() + (pos - off), 0, end - pos);
+    return any;
+  }
+
+  void check_within(uint64_t size, const std::string& name) const {
+    if (!layout_ || layout_->empty()) return;
+    const Extent& last = layout_->back();
+    if (last.end() > size)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("layout file lists bytes {}..{} but source {} has only {} bytes",
+                              last.offset, last.end(), name, size));
+  }
+
+ private:
+  const std::optional<std::vector<Extent>>& layout_;
+  size_t idx_ = 0;
+};
+
+// A raw image file or block device: holes come from SEEK_DATA/SEEK_HOLE and are never read.
+class RawFilePass final : public Pass {
+ public:
+  RawFilePass(UniqueFd fd, const std::string& name, uint64_t size, uint32_t unit,
+              const std::optional<std::vector<Extent>>& layout)
+      : fd_(std::move(fd)), name_(name), size_(size), unit_(unit), mask_(layout) {}
+
+  std::optional<Chunk> next(MutableBytes buf) override {
+    while (pos_ < size_) {
+      auto data = next_data(pos_);
+      if (!data || *data >= size_) break;
+      uint64_t off = *data / unit_ * unit_;
+      size_t len = static_cast<size_t>(std::min<uint64_t>(unit_, size_ - off));
+      size_t got = pread_some(fd_.get(), buf.first(len), off, name_);
+      if (got != len)
+        throw Error(ErrorKind::Input,
+                    fmt::format("{}: source shrank while reading (expected {} bytes, ends at {})",
+                                name_, size_, off + got));
+      pos_ = off + len;
+      consumed_ = pos_;
+      if (mask_.active() && !mask_.apply(off, buf.first(len))) continue;
+      return Chunk{off, len};
+    }
+    consumed_ = size_;
+    pos_ = size_;
+    return std::nullopt;
+  }
+  uint64_t size() const override { return size_; }
+  uint64_t consumed() const override { return consumed_; }
+
+ private:
+  // First offset >= pos that may hold data, by the file's own map and the layout.
+  std::optional<uint64_t> next_data(uint64_t pos) {
+    for (;;) {
+      if (mask_.active()) {
+        auto listed = mask_.next_listed(pos);
+        if (!listed) return std::nullopt;
+        pos = *listed;
+      }
+      auto fs = file_data(pos);
+      if (!fs) return std::nullopt;
+      if (!mask_.active() || *fs == pos) return fs;
+      pos = *fs;  // re-check the layout from where the file has data
+    }
+  }
+
+  std::optional<uint64_t> file_data(uint64_t pos) {
+    if (!seek_map_) return pos;
+    if (pos >= data_start_ && pos < hole_start_) return pos;
+    off_t d = ::lseek(fd_.get(), static_cast<off_t>(pos), SEEK_DATA);
+    if (d < 0) {
+      if (errno == ENXIO) return std::nullopt;  // no data after pos
+      seek_map_ = false;  // filesystem or device without SEEK_DATA: read everything
+      return pos;
+    }
+    off_t h = ::lseek(fd_.get(), d, SEEK_HOLE);
+    if (h < 0) h = static_cast<off_t>(size_);
+    data_start_ = static_cast<uint64_t>(d);
+    hole_start_ = static_cast<uint64_t>(h);
+    return data_start_;
+  }
+
+  UniqueFd fd_;
+  std::string name_;
+  uint64_t size_;
+  uint32_t unit_;
+  LayoutMask mask_;
+  uint64_t pos_ = 0, consumed_ = 0;
+  bool seek_map_ = true;
+  uint64_t data_start_ = 0, hole_start_ = 0;
+};
+
+class RawFileSource final : public Source {
+ public:
+  RawFileSource(std::string path, uint64_t size, SourceOptions opts)
+      : path_(std::move(path)), size_(size), opts_(std::move(opts)) {
+    LayoutMask(opts_.layout).check_within(size_, path_);
+  }
+  const std::string& name() const override { return path_; }
+  std::optional<uint64_t> known_size() const override { return size_; }
+  std::optional<uint64_t> input_bytes() const override { return size_; }
+  bool rereadable() const override { return true; }
+  std::unique_ptr<Pass> open_pass(uint32_t unit) override {
+    return std::make_unique<RawFilePass>(open_input(path_), path_, size_, unit, opts_.layout);
+  }
+
+ private:
+  std::string path_;
+  uint64_t size_;
+  SourceOptions opts_;
+};
+
+// A byte stream (stdin, or a gzip/zstd file): every unit is read; zero detection happens later.
+class StreamPass final : public Pass {
+ public:
+  StreamPass(std::unique_ptr<ByteReader> reader, std::string name, uint32_t unit,
+             const std::optional<std::vector<Extent>>& layout)
+      : reader_(std::move(reader)), name_(std::move(name)), unit_(unit), mask_(layout) {}
+
+  std::optional<Chunk> next(MutableBytes buf) override {
+    while (!eof_) {
+      size_t got = reader_->read(buf.first(unit_));
+      uint64_t off = pos_;
+      pos_ += got;
+      if (got < unit_) {
+        eof_ = true;
+        mask_.check_within(pos_, name_);
+      }
+      if (got == 0) break;
+      if (mask_.active() && !mask_.apply(off, buf.first(got))) continue;
+      return Chunk{off, got};
+    }
+    return std::nullopt;
+  }
+  uint64_t size() const override { return pos_; }
+  uint64_t consumed() const override { return reader_->consumed(); }
+
+ private:
+  std::unique_ptr<ByteReader> reader_;
+  std::string name_;
+  uint32_t unit_;
+  LayoutMask mask_;
+  uint64_t pos_ = 0;
+  bool eof_ = false;
+};
+
+class StreamSource final : public Source {
+ public:
+  // For stdin the already-open reader is used once; for files each pass reopens the path.
+  StreamSource(std::string name, SourceCompression c, std::optional<uint64_t> file_bytes,
+               std::unique_ptr<ByteReader> first, bool rereadable, SourceOptions opts)
+      : name_(std::move(name)),
+        comp_(c),
+        file_bytes_(file_bytes),
+        first_(std::move(first)),
+        rereadable_(rereadable),
+        opts_(std::move(opts)) {}
+
+  const std::string& name() const override { return name_; }
+  std::optional<uint64_t> known_size() const override { return std::nullopt; }
+  std::optional<uint64_t> input_bytes() const override { return file_bytes_; }
+  bool rereadable() const override { return rereadable_; }
+  std::unique_ptr<Pass> open_pass(uint32_t unit) override {
+    std::unique_ptr<ByteReader> r;
+    if (first_) {
+      r = std::move(first_);
+    } else if (rereadable_) {
+      r = make_decoder(comp_, make_fd_reader(open_input(name_), name_), name_);
+    } else {
+      throw Error(ErrorKind::Internal, fmt::format("{}: cannot be read twice", name_));
+    }
+    return std::make_unique<StreamPass>(std::move(r), name_, unit, opts_.layout);
+  }
+
+ private:
+  std::string name_;
+  SourceCompression comp_;
+  std::optional<uint64_t> file_bytes_;
+  std::unique_ptr<ByteReader> first_;
+  bool rereadable_;
+  SourceOptions opts_;
+};
+
+std::vector<Extent> normalise(std::vector<Extent> v) {
+  std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.offset < b.offset; });
+  std::vector<Extent> out;
+  for (auto& e : v) {
+    if (e.length == 0) continue;
+    if (!out.empty() && e.offset <= out.back().end())
+      out.back().length = std::max(out.back().end(), e.end()) - out.back().offset;
+    else
+      out.push_back(e);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
+  SourceOptions opts = options;
+  if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
+
+  if (path == "-") {
+    std::vector<std::byte> head(4);
+    size_t n = read_some(STDIN_FILENO, head, "stdin");
+    head.resize(n);
+    SourceCompression c = detect_compression(head);
+    auto reader =
+        make_decoder(c, make_fd_reader(UniqueFd(::dup(STDIN_FILENO)), "stdin", head), "stdin");
+    return std::make_unique<StreamSource>("stdin", c, std::nullopt, std::move(reader), false,
+                                          std::move(opts));
+  }
+
+  UniqueFd fd = open_input(path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) throw_errno(ErrorKind::Input, path, "cannot stat source", errno);
+  uint64_t size = 0;
+  if (S_ISBLK(st.st_mode)) {
+    if (::ioctl(fd.get(), BLKGETSIZE64, &size) != 0)
+      throw_errno(ErrorKind::Input, path, "cannot get block device size", errno);
+  } else if (S_ISREG(st.st_mode)) {
+    size = static_cast<uint64_t>(st.st_size);
+  } else if (S_ISDIR(st.st_mode)) {
+    throw Error(ErrorKind::Input, fmt::format("{}: is a directory, not a disk image", path));
+  } else {
+    // A pipe or character device given by name: read it once, as a stream.
+    std::vector<std::byte> head(4);
+    head.resize(read_some(fd.get(), head, path));
+    SourceCompression c = detect_compression(head);
+    auto reader = make_decoder(c, make_fd_reader(std::move(fd), path, head), path);
+    return std::make_unique<StreamSource>(path, c, std::nullopt, std::move(reader), false,
+                                          std::move(opts));
+  }
+
+  std::vector<std::byte> head(4);
+  head.resize(pread_some(fd.get(), head, 0, path));
+  SourceCompression c = detect_compression(head);
+  if (c == SourceCompression::None)
+    return std::make_unique<RawFileSource>(path, size, std::move(opts));
+  return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));
+}
+
+}  // namespace diskferry

@@ -1,0 +1,70 @@
+// A source is the guest-visible disk as bytes. Readers hand it out in aligned units, in
+// increasing offset order, skipping units they know are zero (holes, ranges a layout file leaves
+// out). Callers own the buffers (zstd-style), so nothing is allocated per unit.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "util/bytes.hpp"
+
+namespace diskferry {
+
+struct Extent {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint64_t end() const { return offset + length; }
+};
+
+struct Chunk {
+  uint64_t offset = 0;  // multiple of the pass unit
+  size_t length = 0;    // the unit, or less for the last unit of the disk
+};
+
+// One read of the source from start to end.
+class Pass {
+ public:
+  virtual ~Pass() = default;
+  // Fills buf (at least `unit` bytes) with the next unit that may hold data.
+  // Returns nullopt at the end; units never returned read as zeros.
+  virtual std::optional<Chunk> next(MutableBytes buf) = 0;
+  // Virtual size in bytes. For streams it is known only once next() has returned nullopt.
+  virtual uint64_t size() const = 0;
+  // Source bytes consumed so far (compressed bytes for .gz/.zst), for progress.
+  virtual uint64_t consumed() const = 0;
+};
+
+class Source {
+ public:
+  virtual ~Source() = default;
+  virtual const std::string& name() const = 0;
+  // Known before reading for files and block devices; nullopt for streams.
+  virtual std::optional<uint64_t> known_size() const = 0;
+  // Total bytes a pass will consume when known (file size, compressed size), for progress.
+  virtual std::optional<uint64_t> input_bytes() const = 0;
+  // Whether open_pass can be called more than once (false for stdin).
+  virtual bool rereadable() const = 0;
+  // `unit` is a power of two; offsets handed out are multiples of it.
+  virtual std::unique_ptr<Pass> open_pass(uint32_t unit) = 0;
+};
+
+enum class SourceCompression { None, Gzip, Zstd };
+
+struct SourceOptions {
+  // Ranges to read (from an rbd diff layout file); everything else reads as zero.
+  std::optional<std::vector<Extent>> layout;
+};
+
+// PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name.
+// Throws Error(Input) naming the path and the cause.
+std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options = {});
+
+// The virtual size the images describe: rounded up to whole 512-byte sectors, as qemu-img does.
+inline uint64_t virtual_disk_size(uint64_t source_bytes) {
+  return round_up(source_bytes, 512);
+}
+
+}  // namespace diskferry

@@ -1,0 +1,127 @@
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cerrno>
+
+#include "transport/sink.hpp"
+#include "util/error.hpp"
+#include "util/fd.hpp"
+
+namespace diskferry {
+namespace {
+
+class FileSink final : public Sink {
+ public:
+  // publish: write to PATH.partial and rename on commit (regular files, which also take holes).
+  // positioned: the final rewrite is possible (regular files and block devices).
+  FileSink(UniqueFd fd, std::string name, std::string final_path, bool publish, bool positioned)
+      : fd_(std::move(fd)),
+        name_(std::move(name)),
+        final_(std::move(final_path)),
+        publish_(publish),
+        positioned_(positioned),
+        holes_(publish) {}
+  ~FileSink() override {
+    if (!done_) abort();
+  }
+
+  void write(Bytes data) override {
+    materialise_hole();
+    write_all(fd_.get(), data, name_);
+    pos_ += data.size();
+  }
+  void write_zeros(uint64_t n) override {
+    // A block device keeps old data under a hole, so zeros are written there.
+    if (!holes_) return Sink::write_zeros(n);
+    pending_hole_ += n;  // seek forward over it later: the file gets a hole, not zeros
+    pos_ += n;
+  }
+  bool supports_rewrite() const override { return positioned_; }
+  void rewrite(uint64_t offset, Bytes data) override {
+    if (offset + data.size() > pos_)
+      throw Error(ErrorKind::Internal, "rewrite past the end of written data");
+    pwrite_all(fd_.get(), data, offset, name_);
+  }
+  void commit() override {
+    if (holes_) {
+      materialise_hole();
+      struct stat st {};
+      // Trailing zeros become a hole: extend the file to its full length without writing.
+      if (::fstat(fd_.get(), &st) == 0 && S_ISREG(st.st_mode) &&
+          ::ftruncate(fd_.get(), static_cast<off_t>(pos_)) != 0)
+        throw_errno(ErrorKind::Output, name_, "cannot set file size", errno);
+    }
+    if (publish_) {
+      if (::fsync(fd_.get()) != 0) throw_errno(ErrorKind::Output, name_, "fsync failed", errno);
+      fd_.reset();
+      if (::rename(name_.c_str(), final_.c_str()) != 0)
+        throw_errno(ErrorKind::Output, final_, "cannot rename partial file into place", errno);
+      sync_parent_dir();
+    } else if (fd_.get() != STDOUT_FILENO) {
+      if (::fsync(fd_.get()) != 0 && errno != EINVAL && errno != EROFS)
+        throw_errno(ErrorKind::Output, name_, "fsync failed", errno);
+    }
+    done_ = true;
+  }
+  void abort() noexcept override {
+    if (done_) return;
+    done_ = true;
+    fd_.reset();
+    if (publish_) ::unlink(name_.c_str());
+  }
+  uint64_t position() const override { return pos_; }
+
+ private:
+  void materialise_hole() {
+    if (pending_hole_ == 0) return;
+    if (::lseek(fd_.get(), static_cast<off_t>(pending_hole_), SEEK_CUR) < 0)
+      throw_errno(ErrorKind::Output, name_, "seek failed", errno);
+    pending_hole_ = 0;
+  }
+  void sync_parent_dir() {
+    auto slash = final_.rfind('/');
+    std::string dir = slash == std::string::npos ? "." : final_.substr(0, slash + 1);
+    UniqueFd d(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (d) ::fsync(d.get());
+  }
+
+  UniqueFd fd_;
+  std::string name_, final_;
+  bool publish_, positioned_, holes_;
+  uint64_t pos_ = 0, pending_hole_ = 0;
+  bool done_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<Sink> open_file_sink(const std::string& path) {
+  if (path == "-") {
+    if (::isatty(STDOUT_FILENO))
+      throw Error(ErrorKind::Usage,
+                  "refusing to write a disk image to a terminal: redirect stdout or use -o FILE");
+    // Treated as a stream even when stdout happens to be a file: `-o -` means a pipe.
+    return std::make_unique<FileSink>(UniqueFd(::dup(STDOUT_FILENO)), "stdout", "", false, false);
+  }
+  if (path.empty()) throw Error(ErrorKind::Usage, "destination path is empty");
+  if (path.back() == '/')
+    throw Error(ErrorKind::Usage, fmt::format("{}: destination is a directory; name a file", path));
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode))
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{}: destination is a directory; name a file", path));
+    if (!S_ISREG(st.st_mode)) {
+      int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd < 0) throw_errno(ErrorKind::Output, path, "cannot open destination", errno);
+      // Block devices take the positioned header rewrite; pipes and char devices are streams.
+      return std::make_unique<FileSink>(UniqueFd(fd), path, path, false, S_ISBLK(st.st_mode));
+    }
+  }
+  std::string partial = path + ".partial";
+  int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw_errno(ErrorKind::Output, partial, "cannot create destination", errno);
+  return std::make_unique<FileSink>(UniqueFd(fd), partial, path, true, true);
+}
+
+}  // namespace diskferry

@@ -1,0 +1,62 @@
+// A sink takes the output bytes in order. Every stage after the format writer is a sink that
+// wraps the next one (codec, meter, limiter, queue), ending at a destination (file, stdout, sftp).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "util/bytes.hpp"
+
+namespace diskferry {
+
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual void write(Bytes data) = 0;
+  // Appends n zero bytes. Destinations that can leave holes skip ahead instead of writing.
+  virtual void write_zeros(uint64_t n);
+  // Whether one positioned rewrite of already-written bytes is possible before commit(). This is
+  // the only backward movement allowed, and what lets qcow2/VHDX be written in a single pass.
+  virtual bool supports_rewrite() const { return false; }
+  virtual void rewrite(uint64_t offset, Bytes data);
+  // Makes the output final: flush, sync, publish under the final name.
+  virtual void commit() = 0;
+  // Drops partial output (no file is left under the final name). Must not throw.
+  virtual void abort() noexcept = 0;
+  // Bytes accepted so far.
+  virtual uint64_t position() const = 0;
+};
+
+// Forwards everything to an inner sink; stages override what they change.
+class FilterSink : public Sink {
+ public:
+  explicit FilterSink(std::unique_ptr<Sink> inner) : inner_(std::move(inner)) {}
+  void write(Bytes data) override { inner_->write(data); }
+  void write_zeros(uint64_t n) override { inner_->write_zeros(n); }
+  bool supports_rewrite() const override { return inner_->supports_rewrite(); }
+  void rewrite(uint64_t offset, Bytes data) override { inner_->rewrite(offset, data); }
+  void commit() override { inner_->commit(); }
+  void abort() noexcept override { inner_->abort(); }
+  uint64_t position() const override { return inner_->position(); }
+
+ protected:
+  Sink& inner() { return *inner_; }
+
+ private:
+  std::unique_ptr<Sink> inner_;
+};
+
+// "-" is stdout; a regular file is written as PATH.partial and renamed on commit; an existing
+// block or character device is written in place.
+std::unique_ptr<Sink> open_file_sink(const std::string& path);
+
+// Counts bytes and drops them (measure with outer compression).
+std::unique_ptr<Sink> make_counting_sink();
+
+// Hands writes to a background thread through a bounded queue of buffers, so the producer
+// (reading, compressing) and the destination (disk, network) work at the same time.
+std::unique_ptr<Sink> make_queued_sink(std::unique_ptr<Sink> inner, size_t buffers = 8,
+                                       size_t buffer_size = 1 << 20);
+
+}  // namespace diskferry

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian 12 machine (run as root): installs every package the
+# build, the tests and the demo need, then builds diskferry into build/ (and build-asan/ when
+# DISKFERRY_SETUP_ASAN=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  # toolchain
+  build-essential cmake pkg-config ninja-build clang clang-format libclang-rt-dev
+  # libraries (Debian 12 only; nothing vendored)
+  libssh-dev zlib1g-dev libzstd-dev libsqlite3-dev libspdlog-dev libfmt-dev libyaml-cpp-dev
+  doctest-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libssl-dev
+  # reference readers and tools the tests and demo use
+  qemu-utils libqcow-utils libvhdi-utils zstd gzip xxd python3 e2fsprogs
+  openssh-server openssh-client xfsprogs sqlite3
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+build() {
+  local dir=$1; shift
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  cmake --build "$dir" --parallel "$(nproc)"
+}
+
+build build -DDISKFERRY_WERROR=ON
+if [[ "${DISKFERRY_SETUP_ASAN:-0}" == 1 ]]; then
+  build build-asan -DDISKFERRY_WERROR=ON -DDISKFERRY_SANITIZE=ON
+fi
