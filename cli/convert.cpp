@@ -82,7 +82,10 @@ struct ImageArgs {
 
   std::unique_ptr<Source> open() const {
     SourceOptions so;
-    if (!layout.empty()) so.layout = read_rbd_layout(layout);
+    if (!layout.empty()) {
+      so.layout = read_rbd_layout(layout);
+      so.layout_name = layout;
+    }
     return open_source(source, so);
   }
 };

@@ -30,10 +30,13 @@ fi
 build() {
   local dir=$1; shift
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
-  cmake --build "$dir" --parallel "$(nproc)"
+  cmake --build "$dir" --parallel "$(nproc)" | grep -v '^\[' || true
+  test "${PIPESTATUS[0]}" -eq 0
 }
 
 build build -DDISKFERRY_WERROR=ON
-if [[ "${DISKFERRY_SETUP_ASAN:-0}" == 1 ]]; then
+# Extra configurations for the test suite: ASan+UBSan, and libFuzzer targets (clang).
+if [[ "${DISKFERRY_SETUP_TESTS:-0}" == 1 ]]; then
   build build-asan -DDISKFERRY_WERROR=ON -DDISKFERRY_SANITIZE=ON
+  build build-fuzz -DDISKFERRY_WERROR=ON -DDISKFERRY_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++
 fi

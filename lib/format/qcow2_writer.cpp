@@ -255,7 +255,8 @@ class Qcow2Writer final : public FormatWriter {
     l.l1_size = div_round_up(vclusters, l2e_);
     if (l.l1_size > (1u << 28))
       throw Error(ErrorKind::Format, "qcow2: virtual size too large for this cluster size");
-    l.l1_clusters = std::max<uint64_t>(1, div_round_up(l.l1_size * 8, cs_));
+    // An empty disk has no L1 table; QEMU would count a cluster reserved for one as a leak.
+    l.l1_clusters = div_round_up(l.l1_size * 8, cs_);
     l.l2_offset = l.data_end;
     l.l1_offset = l.l2_offset + l.l2_tables * cs_;
     uint64_t before = l.l1_offset / cs_ + l.l1_clusters;  // clusters before refcount structures

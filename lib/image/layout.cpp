@@ -19,6 +19,10 @@ std::vector<Extent> parse_rbd_layout(const std::string& text, const std::string&
                 fmt::format("{}: not valid JSON at byte {} (expected `rbd diff --format=json` "
                             "output)",
                             name, e.byte));
+  } catch (const nlohmann::json::exception&) {
+    // e.g. a number too large for any integer or double (found by fuzz_layout)
+    throw Error(ErrorKind::Usage,
+                fmt::format("{}: not valid JSON: a number is out of range", name));
   }
   if (!doc.is_array())
     throw Error(ErrorKind::Usage, fmt::format("{}: expected a JSON array of {{\"offset\", "

@@ -25,7 +25,8 @@ UniqueFd open_input(const std::string& path) {
 // Zeroes the parts of a unit that a layout file does not list. `layout` is sorted and merged.
 class LayoutMask {
  public:
-  explicit LayoutMask(const std::optional<std::vector<Extent>>& layout) : layout_(layout) {}
+  LayoutMask(const std::optional<std::vector<Extent>>& layout, const std::string& layout_name)
+      : layout_(layout), layout_name_(layout_name) {}
   bool active() const { return layout_.has_value(); }
 
   // First offset >= pos that the layout lists, or nullopt past the last range.
@@ -58,12 +59,13 @@ class LayoutMask {
     const Extent& last = layout_->back();
     if (last.end() > size)
       throw Error(ErrorKind::Usage,
-                  fmt::format("layout file lists bytes {}..{} but source {} has only {} bytes",
-                              last.offset, last.end(), name, size));
+                  fmt::format("{}: lists bytes {}..{} but source {} has only {} bytes",
+                              layout_name_, last.offset, last.end(), name, size));
   }
 
  private:
   const std::optional<std::vector<Extent>>& layout_;
+  const std::string& layout_name_;
   size_t idx_ = 0;
 };
 
@@ -71,8 +73,9 @@ class LayoutMask {
 class RawFilePass final : public Pass {
  public:
   RawFilePass(UniqueFd fd, const std::string& name, uint64_t size, uint32_t unit,
-              const std::optional<std::vector<Extent>>& layout)
-      : fd_(std::move(fd)), name_(name), size_(size), unit_(unit), mask_(layout) {}
+              const SourceOptions& opts)
+      : fd_(std::move(fd)), name_(name), size_(size), unit_(unit),
+        mask_(opts.layout, opts.layout_name) {}
 
   std::optional<Chunk> next(MutableBytes buf) override {
     while (pos_ < size_) {
@@ -143,14 +146,14 @@ class RawFileSource final : public Source {
  public:
   RawFileSource(std::string path, uint64_t size, SourceOptions opts)
       : path_(std::move(path)), size_(size), opts_(std::move(opts)) {
-    LayoutMask(opts_.layout).check_within(size_, path_);
+    LayoutMask(opts_.layout, opts_.layout_name).check_within(size_, path_);
   }
   const std::string& name() const override { return path_; }
   std::optional<uint64_t> known_size() const override { return size_; }
   std::optional<uint64_t> input_bytes() const override { return size_; }
   bool rereadable() const override { return true; }
   std::unique_ptr<Pass> open_pass(uint32_t unit) override {
-    return std::make_unique<RawFilePass>(open_input(path_), path_, size_, unit, opts_.layout);
+    return std::make_unique<RawFilePass>(open_input(path_), path_, size_, unit, opts_);
   }
 
  private:
@@ -163,8 +166,9 @@ class RawFileSource final : public Source {
 class StreamPass final : public Pass {
  public:
   StreamPass(std::unique_ptr<ByteReader> reader, std::string name, uint32_t unit,
-             const std::optional<std::vector<Extent>>& layout)
-      : reader_(std::move(reader)), name_(std::move(name)), unit_(unit), mask_(layout) {}
+             const SourceOptions& opts)
+      : reader_(std::move(reader)), name_(std::move(name)), unit_(unit),
+        mask_(opts.layout, opts.layout_name) {}
 
   std::optional<Chunk> next(MutableBytes buf) override {
     while (!eof_) {
@@ -218,7 +222,7 @@ class StreamSource final : public Source {
     } else {
       throw Error(ErrorKind::Internal, fmt::format("{}: cannot be read twice", name_));
     }
-    return std::make_unique<StreamPass>(std::move(r), name_, unit, opts_.layout);
+    return std::make_unique<StreamPass>(std::move(r), name_, unit, opts_);
   }
 
  private:

@@ -56,6 +56,7 @@ enum class SourceCompression { None, Gzip, Zstd };
 struct SourceOptions {
   // Ranges to read (from an rbd diff layout file); everything else reads as zero.
   std::optional<std::vector<Extent>> layout;
+  std::string layout_name;  // the layout file, for error messages
 };
 
 // PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name.

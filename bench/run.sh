@@ -1,0 +1,530 @@
+#!/usr/bin/env bash
+# diskferry benchmark suite: diskferry against qemu-img (and qemu-img + zstd), side by side.
+#
+#   bench/run.sh                       # every part: qcow2 vhdx compress sparse1t zstd
+#   bench/run.sh qcow2 sparse1t        # only some parts
+#   REPS=5 BENCH_DIR=/mnt/scratch bench/run.sh
+#
+# Environment:
+#   BENCH_DIR   scratch directory for test images and outputs (default /var/tmp/diskferry-bench).
+#               Needs ~14 GB free at peak (test image ~1.7 GB, outputs, the zstd pipeline's temp).
+#               Keep it on a real filesystem with SEEK_DATA/SEEK_HOLE (ext4, xfs), not tmpfs.
+#   REPS        runs of each command; the median wall time is reported (default 3)
+#   DISKFERRY   diskferry binary (default <repo>/build/bin/diskferry)
+#   QEMU_IMG    qemu-img binary (default qemu-img from PATH)
+#   OUT_DIR     where the Markdown results go (default <repo>/bench/out)
+#   IDLE_WAIT   before each timed run, wait up to this many seconds for the CPUs to be idle
+#               (other builds/tests running skew wall times; default 180, 0 = don't wait)
+#   IDLE_MAX_BUSY  "idle" means at most this percent of all CPUs busy (default 15)
+#
+# Each timed command runs under /usr/bin/time (peak RSS) with its wall time taken from bash's
+# EPOCHREALTIME. The source image is read once before each part so that every tool reads it from
+# the page cache (dropping caches between runs is not reliable on a VM); outputs are deleted and
+# `sync` runs before every timed command so no tool pays for another's writeback.
+# Every diskferry output is checked once per run with `qemu-img compare` (and `qemu-img check`);
+# a mismatch or a failing command fails the benchmark (exit 1) after the table is written.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+BENCH_DIR=${BENCH_DIR:-/var/tmp/diskferry-bench}
+REPS=${REPS:-3}
+DISKFERRY=${DISKFERRY:-$ROOT/build/bin/diskferry}
+QEMU_IMG=${QEMU_IMG:-qemu-img}
+OUT_DIR=${OUT_DIR:-$HERE/out}
+ALL_PARTS=(qcow2 vhdx compress sparse1t zstd)
+
+usage() {
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  echo "Parts: ${ALL_PARTS[*]}"
+}
+
+PARTS=()
+for a in "$@"; do
+  case $a in
+    -h | --help) usage; exit 0 ;;
+    all) PARTS+=("${ALL_PARTS[@]}") ;;
+    qcow2 | vhdx | compress | sparse1t | zstd) PARTS+=("$a") ;;
+    *) echo "bench/run.sh: unknown part '$a' (expected: ${ALL_PARTS[*]} or all)" >&2; exit 2 ;;
+  esac
+done
+((${#PARTS[@]})) || PARTS=("${ALL_PARTS[@]}")
+[[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "REPS must be a positive integer" >&2; exit 2; }
+
+die() { echo "bench/run.sh: $*" >&2; exit 1; }
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------- prerequisites
+[[ -x $DISKFERRY ]] || die "no diskferry binary at $DISKFERRY (build with: cmake --build build)"
+for t in "$QEMU_IMG" zstd python3 mkfs.ext4 tar; do
+  command -v "$t" >/dev/null || die "$t not found (scripts/setup.sh installs it)"
+done
+[[ -x /usr/bin/time ]] || die "/usr/bin/time not found: apt-get install time"
+mkdir -p "$BENCH_DIR" "$OUT_DIR"
+BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+case $BENCH_DIR/ in "$ROOT"/*) die "BENCH_DIR must not be inside the repository ($ROOT)" ;; esac
+
+# Commands are shown and run with short names: `diskferry`, `qemu-img`, files relative to BENCH_DIR.
+BIN_DIR=$BENCH_DIR/.bin
+mkdir -p "$BIN_DIR"
+ln -sfn "$(readlink -f "$DISKFERRY")" "$BIN_DIR/diskferry"
+ln -sfn "$(command -v "$QEMU_IMG")" "$BIN_DIR/qemu-img"
+ln -sfn "$HERE/read_data.py" "$BIN_DIR/read-data"
+export PATH="$BIN_DIR:$PATH"
+cd "$BENCH_DIR"
+
+IMG=disk8g.img      # 8 GiB ext4 image with ~1.6 GB of data
+SPARSE=sparse1t.img  # 1 TiB raw image with 100 x 1 MiB of random data
+
+# Reads every data extent of a file (SEEK_DATA/SEEK_HOLE), skipping holes: warms the page cache
+# like `cat img > /dev/null` would, without reading gigabytes of holes as zeros. Prints bytes read.
+read_data() { read-data "$1"; }
+
+# Bytes that hold data according to the file's own map (what a converter must read).
+data_bytes() {
+  "$QEMU_IMG" map -f raw --output=json "$1" |
+    python3 -c 'import json,sys; print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))'
+}
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+# ---------------------------------------------------------------- test images
+# Picks regular files under DIR in path order until BUDGET bytes, copies them below staging/real.
+copy_budget() {
+  local dir=$1 budget=$2 staging=$3
+  find "$dir" -xdev -type f -size -64M -printf '%s %P\n' | LC_ALL=C sort -k2 |
+    awk -v b="$budget" 'full { next } t + $1 > b { full = 1; next } { t += $1; sub(/^[0-9]+ /, ""); print }' \
+      >"$staging/list"
+  mkdir -p "$staging/real${dir}"
+  tar -C "$dir" -cf - --no-recursion -T "$staging/list" | tar -C "$staging/real${dir}" -xf -
+  rm -f "$staging/list"
+}
+
+build_disk8g() {
+  [[ -f $IMG && -f $IMG.info ]] && return
+  log "building $IMG (8 GiB sparse ext4 image, ~1.6 GB of data; cached for later runs)"
+  local staging=$BENCH_DIR/staging
+  rm -rf "$staging" "$IMG" "$IMG.info"
+  mkdir -p "$staging/random"
+  # ~650 MB of real, compressible files: binaries, libraries, text.
+  copy_budget /usr/bin $((250 << 20)) "$staging"
+  copy_budget /usr/lib $((250 << 20)) "$staging"
+  copy_budget /usr/share $((150 << 20)) "$staging"
+  # 1 GiB of incompressible files of mixed sizes: 8 x 64 MiB, 32 x 8 MiB, 256 x 1 MiB.
+  local i
+  for i in $(seq 1 8); do head -c 64M /dev/urandom >"$staging/random/big$i.bin"; done
+  for i in $(seq 1 32); do head -c 8M /dev/urandom >"$staging/random/mid$i.bin"; done
+  mkdir -p "$staging/random/small"
+  for i in $(seq 1 256); do head -c 1M /dev/urandom >"$staging/random/small/s$i.bin"; done
+  local real_b rand_b nfiles
+  real_b=$(du -sb "$staging/real" | cut -f1)
+  rand_b=$(du -sb "$staging/random" | cut -f1)
+  nfiles=$(find "$staging" -type f | wc -l)
+  truncate -s 8G "$IMG.tmp"
+  mkfs.ext4 -q -F -L diskferry-bench -d "$staging" "$IMG.tmp"
+  # mke2fs leaves some zeroed metadata as unwritten extents, which SEEK_DATA reports as data or
+  # not depending on what is in the page cache: copy once so only real data is allocated.
+  cp --sparse=always "$IMG.tmp" "$IMG"
+  rm -f "$IMG.tmp"
+  rm -rf "$staging"
+  {
+    echo "files=$nfiles"
+    echo "real_bytes=$real_b"
+    echo "random_bytes=$rand_b"
+    echo "virtual_bytes=$(stat -c %s "$IMG")"
+    echo "allocated_bytes=$(($(du -B1 "$IMG" | cut -f1)))"
+    echo "data_bytes=$(data_bytes "$IMG")"
+    echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  } >"$IMG.info"
+}
+
+build_sparse1t() {
+  [[ -f $SPARSE && -f $SPARSE.info ]] && return
+  log "building $SPARSE (1 TiB sparse, 100 x 1 MiB of random data spread over the whole range)"
+  rm -f "$SPARSE" "$SPARSE.info"
+  truncate -s 1T "$SPARSE.tmp"
+  local i off step=$(((1 << 40) / 100))
+  for i in $(seq 0 99); do
+    # Spread evenly, 4 KiB aligned but deliberately not cluster-aligned (as a real filesystem's).
+    off=$((i * step / 4096 * 4096 + (i * 37 % 251) * 4096))
+    head -c 1M /dev/urandom | dd of="$SPARSE.tmp" bs=1M seek="$off" oflag=seek_bytes \
+      conv=notrunc status=none
+  done
+  mv "$SPARSE.tmp" "$SPARSE"
+  {
+    echo "virtual_bytes=$(stat -c %s "$SPARSE")"
+    echo "allocated_bytes=$(($(du -B1 "$SPARSE" | cut -f1)))"
+    echo "data_bytes=$(data_bytes "$SPARSE")"
+  } >"$SPARSE.info"
+}
+
+info() { sed -n "s/^$2=//p" "$1.info"; }
+
+# ---------------------------------------------------------------- timing groups
+# A group is one comparison: a baseline command and the commands compared with it, run
+# interleaved (rep 1 of each, rep 2 of each, ...). Rows are collected into ROWS for the table.
+ROWS=()       # "part|label|command|median|runs|cpu|rss_mib|size|ratio|goal|verdict"
+FAILURES=()
+DETAILS=()
+
+G_PART="" G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
+
+group() { G_PART=$1; G_REPS=${2:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
+
+# variant ROLE LABEL COMMAND OUTPUT CHECK GOAL
+#   ROLE    base (the reference the ratio divides by), cand (ratio computed), ref (no ratio) or
+#           self (no ratio; the command prints its own time as the last word of its output)
+#   OUTPUT  files the command writes, space-separated (deleted before each run; the first one's
+#           size is reported), or ""
+#   CHECK   a function run once after the last rep (may set CHK_SIZE, CHK_NOTE); "" for none
+#   GOAL    "ratio<=X", "time<=X,rss<=Y" or ""
+variant() {
+  G_BASE+=("$1"); G_LABEL+=("$2"); G_CMD+=("$3"); G_OUT+=("$4"); G_CHECK+=("$5"); G_GOAL+=("$6")
+}
+
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{ a[NR] = $1 } END {
+  if (NR % 2) printf "%.3f", a[(NR + 1) / 2]; else printf "%.3f", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+# Runs one command once; sets T_SEC (wall), T_CPU (user + system), T_KB (peak RSS).
+# Returns the command's exit status.
+timed() {
+  local cmd=$1 tf=$BENCH_DIR/.time.out ef=$BENCH_DIR/.stderr.out t0 t1 rc=0
+  t0=$EPOCHREALTIME
+  /usr/bin/time -f '%e %M %U %S' -o "$tf" bash -c "$cmd" >"$BENCH_DIR/.stdout.out" 2>"$ef" || rc=$?
+  t1=$EPOCHREALTIME
+  T_SEC=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+  T_KB=$(tail -n1 "$tf" | awk '{ print $2 }')
+  T_CPU=$(tail -n1 "$tf" | awk '{ printf "%.2f", $3 + $4 }')
+  return $rc
+}
+
+# Busy share (percent) of all CPUs over 0.5 s, from /proc/stat.
+cpu_busy() {
+  local c u n s i w q sq st t0 i0 t1 i1
+  read -r c u n s i w q sq st _ </proc/stat
+  t0=$((u + n + s + i + w + q + sq + st)) i0=$((i + w))
+  sleep 0.5
+  read -r c u n s i w q sq st _ </proc/stat
+  t1=$((u + n + s + i + w + q + sq + st)) i1=$((i + w))
+  echo $(((t1 - t0 - (i1 - i0)) * 100 / (t1 - t0 > 0 ? t1 - t0 : 1)))
+}
+
+# Other work on the machine (a build, a test run) skews wall times: before each timed run,
+# wait until the CPUs are mostly idle, at most IDLE_WAIT seconds. Sets RAN_BUSY=1 on timeout.
+IDLE_WAIT=${IDLE_WAIT:-180}
+IDLE_MAX_BUSY=${IDLE_MAX_BUSY:-15}
+wait_idle() {
+  local start=$SECONDS busy said=0
+  RAN_BUSY=0
+  ((IDLE_WAIT > 0)) || return 0
+  while :; do
+    busy=$(cpu_busy)
+    ((busy <= IDLE_MAX_BUSY)) && return 0
+    if ((SECONDS - start >= IDLE_WAIT)); then
+      log "  machine still ${busy}% busy after ${IDLE_WAIT}s: running anyway (noted in the table)"
+      RAN_BUSY=1
+      return 0
+    fi
+    ((said++)) || log "  machine ${busy}% busy (another process): waiting for it to go idle"
+    sleep 2
+  done
+}
+
+rm_outputs() { # "FILE [FILE...]"
+  local f
+  for f in $1; do rm -f "$f" "$f.partial"; done
+}
+
+run_group() {
+  local n=${#G_CMD[@]} i r
+  local -a times cpus rss err busy
+  for ((i = 0; i < n; i++)); do times[i]=""; cpus[i]=""; rss[i]=0; err[i]=""; busy[i]=0; done
+  for ((r = 1; r <= G_REPS; r++)); do
+    for ((i = 0; i < n; i++)); do
+      [[ -n ${err[i]} ]] && continue
+      rm_outputs "${G_OUT[i]}"
+      sync
+      wait_idle
+      ((RAN_BUSY)) && busy[i]=$((busy[i] + 1))
+      log "$G_PART [$r/$G_REPS] ${G_CMD[i]}"
+      if timed "${G_CMD[i]}"; then
+        # A self-timed command prints "... SECONDS" as its last line: that is its time.
+        [[ ${G_BASE[i]} == self ]] && T_SEC=$(tail -n1 .stdout.out | awk '{ print $NF }')
+        times[i]+="$T_SEC "
+        cpus[i]+="$T_CPU "
+        ((T_KB > rss[i])) && rss[i]=$T_KB
+      else
+        err[i]="failed: $(tail -n3 "$BENCH_DIR/.stderr.out" | tr '\n' ' ' | cut -c1-160)"
+        log "  -> ${err[i]}"
+        FAILURES+=("$G_PART: ${G_CMD[i]}: ${err[i]}")
+      fi
+    done
+  done
+  # Baseline median for ratios.
+  local base_med=""
+  for ((i = 0; i < n; i++)); do
+    [[ ${G_BASE[i]} == base && -z ${err[i]} ]] && base_med=$(median <<<"${times[i]}")
+  done
+  for ((i = 0; i < n; i++)); do
+    local med="—" runs="—" cpu="—" rssm="—" size="—" ratio="—" goal=${G_GOAL[i]} verdict="—" note=""
+    ((busy[i])) && note+=" ($((busy[i])) run(s) under other load)"
+    if [[ -z ${err[i]} ]]; then
+      med=$(median <<<"${times[i]}")
+      cpu=$(median <<<"${cpus[i]}")
+      cpu=${cpu%?}
+      runs=$(echo "${times[i]}" | xargs | tr ' ' '/')
+      rssm=$(mib $((rss[i] * 1024)))
+      CHK_SIZE="" CHK_NOTE=""
+      local first=${G_OUT[i]%% *}
+      [[ -n $first && -f $first ]] && CHK_SIZE=$(stat -c %s "$first")
+      if [[ -n ${G_CHECK[i]} ]]; then
+        log "$G_PART check: ${G_CHECK[i]}"
+        if ! eval "${G_CHECK[i]}"; then
+          FAILURES+=("$G_PART: ${G_CMD[i]}: output check failed: $CHK_NOTE")
+          note=" **CHECK FAILED: $CHK_NOTE**"
+        fi
+      fi
+      [[ -n $CHK_SIZE ]] && size="$(mib "$CHK_SIZE") MiB" &&
+        DETAILS+=("$G_PART | ${G_LABEL[i]} | output $CHK_SIZE bytes")
+      if [[ ${G_BASE[i]} == cand && -n $base_med ]]; then
+        ratio=$(awk -v a="$med" -v b="$base_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+      fi
+      verdict=$(judge "$goal" "$ratio" "$med" "$rssm")
+      verdict+=$note
+    else
+      verdict="**ERROR** (${err[i]})"
+    fi
+    rm_outputs "${G_OUT[i]}"
+    ROWS+=("$G_PART|${G_LABEL[i]}|${G_CMD[i]}|$med|$runs|$cpu|$rssm|$size|$ratio|${goal:-—}|$verdict")
+  done
+}
+
+# judge GOAL RATIO MEDIAN RSS_MIB -> "met" / "not met" / "—"
+judge() {
+  local goal=$1 ratio=$2 med=$3 rssm=$4
+  [[ -z $goal ]] && { echo "—"; return; }
+  awk -v g="$goal" -v ratio="$ratio" -v t="$med" -v m="$rssm" 'BEGIN {
+    ok = 1; n = split(g, parts, ",")
+    for (i = 1; i <= n; i++) {
+      split(parts[i], kv, "<=")
+      v = (kv[1] == "ratio") ? ratio : (kv[1] == "time") ? t : (kv[1] == "rss") ? m : ""
+      if (v == "—" || v == "") { print "—"; exit }
+      if (v + 0 > kv[2] + 0) ok = 0
+    }
+    print ok ? "met" : "**not met**"
+  }'
+}
+
+# ---------------------------------------------------------------- output checks
+# Each sets CHK_NOTE on failure and returns non-zero; may set CHK_SIZE.
+check_image() { # FORMAT SOURCE OUTPUT
+  local fmt=$1 src=$2 out=$3 msg rc=0
+  msg=$("$QEMU_IMG" compare -f raw -F "$fmt" "$src" "$out" 2>&1) || rc=$?
+  if ((rc != 0)); then CHK_NOTE="qemu-img compare: $(echo "$msg" | head -n2 | tr '\n' ' ')"; return 1; fi
+  rc=0
+  msg=$("$QEMU_IMG" check -f "$fmt" "$out" 2>&1) || rc=$?
+  if ((rc == 63)); then return 0; fi  # format without a consistency check
+  if ((rc != 0)); then CHK_NOTE="qemu-img check: $(echo "$msg" | head -n3 | tr '\n' ' ')"; return 1; fi
+  return 0
+}
+
+# Streamed output (-o /dev/null in the timed run): write it once to a file, size and check it.
+check_stream() { # FORMAT SOURCE EXTRA_ARGS...
+  local fmt=$1 src=$2; shift 2
+  local out=stream-check.$fmt rc=0
+  rm -f "$out"
+  if ! diskferry convert "$src" -O "$fmt" "$@" -o - >"$out" 2>.stderr.out; then
+    CHK_NOTE="stream run failed: $(tail -n2 .stderr.out | tr '\n' ' ')"; rm -f "$out"; return 1
+  fi
+  CHK_SIZE=$(stat -c %s "$out")
+  check_image "$fmt" "$src" "$out" || rc=$?
+  rm -f "$out"
+  return $rc
+}
+
+# Outer-compressed stream: write it once, decompress, check.
+check_zstd_stream() { # SOURCE
+  local src=$1 rc=0
+  rm -f stream-check.qcow2.zst stream-check.qcow2
+  if ! diskferry convert "$src" -O qcow2 --compress zstd -o - >stream-check.qcow2.zst 2>.stderr.out; then
+    CHK_NOTE="stream run failed: $(tail -n2 .stderr.out | tr '\n' ' ')"; return 1
+  fi
+  CHK_SIZE=$(stat -c %s stream-check.qcow2.zst)
+  zstd -q -d stream-check.qcow2.zst -o stream-check.qcow2 || { CHK_NOTE="zstd -d failed"; rc=1; }
+  ((rc == 0)) && { check_image qcow2 "$src" stream-check.qcow2 || rc=$?; }
+  rm -f stream-check.qcow2.zst stream-check.qcow2
+  return $rc
+}
+
+# The qemu-img + zstd pipeline keeps its temporary qcow2: report both sizes.
+check_pipeline() {
+  CHK_SIZE=$(stat -c %s out-pipe.qcow2.zst)
+  DETAILS+=("zstd | qemu-img + zstd | temporary out-pipe.qcow2: $(stat -c %s tmp-pipe.qcow2) bytes \
+($(mib "$(stat -c %s tmp-pipe.qcow2)") MiB apparent, $(mib $(($(du -B1 tmp-pipe.qcow2 | cut -f1)))) MiB allocated)")
+  rm -f tmp-pipe.qcow2
+}
+
+warm() { # IMAGE
+  local t0=$EPOCHREALTIME b
+  b=$(read_data "$1")
+  log "warm-up: read $(mib "$b") MiB of data extents of $1 in \
+$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s"
+}
+
+# ---------------------------------------------------------------- parts
+part_qcow2() {
+  warm "$IMG"
+  group qcow2
+  variant base "qemu-img" "qemu-img convert -O qcow2 $IMG q-qemu.qcow2" q-qemu.qcow2 "" ""
+  variant ref "qemu-img, flushed (-t writeback)" \
+    "qemu-img convert -t writeback -O qcow2 $IMG q-qemu-wb.qcow2" q-qemu-wb.qcow2 "" ""
+  variant cand "diskferry, stream (2 reads)" "diskferry convert $IMG -O qcow2 -o /dev/null" "" \
+    "check_stream qcow2 $IMG" "ratio<=1.0"
+  variant cand "diskferry, file (1 read)" "diskferry convert $IMG -O qcow2 -o q-df.qcow2" q-df.qcow2 \
+    "check_image qcow2 $IMG q-df.qcow2" "ratio<=1.0"
+  # Diagnostic: the stream layout written into a file through stdout (2 reads, no fsync).
+  variant cand "diskferry, stream to file via stdout (2 reads, no fsync)" \
+    "diskferry convert $IMG -O qcow2 -o - >q-df-stdout.qcow2" q-df-stdout.qcow2 \
+    "check_image qcow2 $IMG q-df-stdout.qcow2" ""
+  run_group
+}
+
+part_vhdx() {
+  warm "$IMG"
+  group vhdx
+  variant base "qemu-img" "qemu-img convert -O vhdx $IMG v-qemu.vhdx" v-qemu.vhdx "" ""
+  variant cand "diskferry, stream (2 reads)" "diskferry convert $IMG -O vhdx -o /dev/null" "" \
+    "check_stream vhdx $IMG" "ratio<=1.0"
+  variant cand "diskferry, file (1 read)" "diskferry convert $IMG -O vhdx -o v-df.vhdx" v-df.vhdx \
+    "check_image vhdx $IMG v-df.vhdx" "ratio<=1.0"
+  run_group
+}
+
+part_compress() {
+  warm "$IMG"
+  group compress-zstd
+  variant base "qemu-img -c zstd" \
+    "qemu-img convert -c -O qcow2 -o compression_type=zstd $IMG c-qemu-zstd.qcow2" \
+    c-qemu-zstd.qcow2 "" ""
+  variant cand "diskferry zstd clusters" \
+    "diskferry convert $IMG -O qcow2 --qcow2-compression zstd -o c-df-zstd.qcow2" c-df-zstd.qcow2 \
+    "check_image qcow2 $IMG c-df-zstd.qcow2" "ratio<=0.5"
+  run_group
+  group compress-zlib
+  variant base "qemu-img -c (zlib)" "qemu-img convert -c -O qcow2 $IMG c-qemu-zlib.qcow2" \
+    c-qemu-zlib.qcow2 "" ""
+  variant cand "diskferry zlib clusters" \
+    "diskferry convert $IMG -O qcow2 --qcow2-compression zlib -o c-df-zlib.qcow2" c-df-zlib.qcow2 \
+    "check_image qcow2 $IMG c-df-zlib.qcow2" ""
+  run_group
+}
+
+part_sparse1t() {
+  warm "$SPARSE"
+  # Runs take ~0.1 s, so noise matters: at least 5 reps.
+  group sparse1t $((REPS < 5 ? 5 : REPS))
+  variant self "reference: find and read the 100 MiB of data (page cache), timed inside" \
+    "read-data --time $SPARSE" "" "" ""
+  variant base "qemu-img" "qemu-img convert -O qcow2 $SPARSE s-qemu.qcow2" s-qemu.qcow2 "" ""
+  variant cand "diskferry, stream (2 reads)" "diskferry convert $SPARSE -O qcow2 -o /dev/null" "" \
+    "check_stream qcow2 $SPARSE" "time<=1.0,rss<=64"
+  variant cand "diskferry, file (1 read)" "diskferry convert $SPARSE -O qcow2 -o s-df.qcow2" \
+    s-df.qcow2 "check_image qcow2 $SPARSE s-df.qcow2" "time<=1.0,rss<=64"
+  run_group
+}
+
+part_zstd() {
+  warm "$IMG"
+  group zstd
+  variant base "qemu-img + zstd -T0 (temp file)" \
+    "qemu-img convert -O qcow2 $IMG tmp-pipe.qcow2 && zstd -T0 -q tmp-pipe.qcow2 -o out-pipe.qcow2.zst" \
+    "out-pipe.qcow2.zst tmp-pipe.qcow2" "check_pipeline" ""
+  variant cand "diskferry --compress zstd" \
+    "diskferry convert $IMG -O qcow2 --compress zstd -o - >/dev/null" "" "check_zstd_stream $IMG" ""
+  run_group
+}
+
+# ---------------------------------------------------------------- main
+START=$EPOCHREALTIME
+need_img=0 need_sparse=0
+for p in "${PARTS[@]}"; do
+  case $p in sparse1t) need_sparse=1 ;; *) need_img=1 ;; esac
+done
+((need_img)) && build_disk8g
+((need_sparse)) && build_sparse1t
+rm -f ./*.qcow2 ./*.vhdx ./*.zst ./*.partial
+
+for p in "${PARTS[@]}"; do "part_$p"; done
+
+# ---------------------------------------------------------------- report
+machine() {
+  echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
+  echo "- RAM: $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  echo "- Kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
+  echo "- BENCH_DIR: $BENCH_DIR on $(findmnt -n -o FSTYPE,SOURCE -T "$BENCH_DIR" | xargs)"
+  echo "- $("$QEMU_IMG" --version | head -n1)"
+  echo "- zstd $(zstd --version | grep -o 'v[0-9.]*' | head -n1)"
+  local rev dirty=""
+  rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] && dirty=" (with uncommitted changes)"
+  echo "- $(diskferry --version), commit $rev$dirty"
+  echo "- REPS=$REPS (median wall time; CPU = median user+system seconds; peak RSS = maximum over the runs)"
+  echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); each timed run waited for the CPUs to be" \
+    "<= ${IDLE_MAX_BUSY}% busy (at most ${IDLE_WAIT}s)"
+}
+
+images() {
+  if [[ -f $IMG.info ]]; then
+    echo "- \`$IMG\`: $(mib "$(info "$IMG" virtual_bytes)") MiB virtual, ext4 made by \`mkfs.ext4 -d\`," \
+      "$(info "$IMG" files) files: $(mib "$(info "$IMG" real_bytes)") MiB of real files from" \
+      "/usr/bin, /usr/lib, /usr/share + $(mib "$(info "$IMG" random_bytes)") MiB of /dev/urandom;" \
+      "$(mib "$(info "$IMG" allocated_bytes)") MiB allocated (du), $(mib "$(info "$IMG" data_bytes)") MiB data extents (qemu-img map)"
+  fi
+  if [[ -f $SPARSE.info ]]; then
+    echo "- \`$SPARSE\`: $(mib "$(info "$SPARSE" virtual_bytes)") MiB virtual (1 TiB), 100 x 1 MiB of" \
+      "/dev/urandom spread over the range; $(mib "$(info "$SPARSE" data_bytes)") MiB data extents"
+  fi
+}
+
+table() {
+  echo "| part | tool | command | median s | runs s | CPU s | peak RSS MiB | output | ratio | goal | verdict |"
+  echo "|---|---|---|---:|---|---:|---:|---:|---:|---|---|"
+  local r
+  for r in "${ROWS[@]}"; do
+    IFS='|' read -r part label cmd med runs cpu rss size ratio goal verdict <<<"$r"
+    cmd=${cmd//|/\\|}
+    echo "| $part | $label | \`$cmd\` | $med | $runs | $cpu | $rss | $size | $ratio | $goal | $verdict |"
+  done
+}
+
+STAMP=$(date +%Y-%m-%d-%H%M%S)
+RESULT=$OUT_DIR/results-$STAMP.md
+{
+  echo "# diskferry benchmark, $(date -u +'%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Parts: ${PARTS[*]}. Ratio = command's median / the qemu-img baseline's median in the same part."
+  echo "Sources were read once before each part, so all tools read them from the page cache."
+  echo
+  machine
+  images
+  echo
+  table
+  if ((${#DETAILS[@]})); then
+    echo
+    echo "Output sizes in bytes:"
+    echo
+    for d in "${DETAILS[@]}"; do echo "- $d"; done
+  fi
+  if ((${#FAILURES[@]})); then
+    echo
+    echo "FAILURES:"
+    echo
+    for f in "${FAILURES[@]}"; do echo "- $f"; done
+  fi
+  echo
+  echo "Total benchmark time: $(awk -v a="$START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s"
+} >"$RESULT"
+cat "$RESULT"
+log "results written to $RESULT"
+rm -f .time.out .stderr.out .stdout.out
+((${#FAILURES[@]} == 0)) || { log "${#FAILURES[@]} failure(s)"; exit 1; }
