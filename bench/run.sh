@@ -14,13 +14,15 @@
 #   QEMU_IMG    qemu-img binary (default qemu-img from PATH)
 #   OUT_DIR     where the Markdown results go (default <repo>/bench/out)
 #   IDLE_WAIT   before each timed run, wait up to this many seconds for the CPUs to be idle
-#               (other builds/tests running skew wall times; default 180, 0 = don't wait)
+#               (other builds/tests running skew wall times; default 60, 0 = don't wait)
+#   IDLE_BUDGET at most this many seconds of such waiting in the whole run (default 300)
 #   IDLE_MAX_BUSY  "idle" means at most this percent of all CPUs busy (default 15)
 #
 # Each timed command runs under /usr/bin/time (peak RSS) with its wall time taken from bash's
-# EPOCHREALTIME. The source image is read once before each part so that every tool reads it from
-# the page cache (dropping caches between runs is not reliable on a VM); outputs are deleted and
-# `sync` runs before every timed command so no tool pays for another's writeback.
+# EPOCHREALTIME. Before every timed command: outputs are deleted and `sync` runs (no tool pays for
+# another's writeback), the script waits for the CPUs to be idle (see IDLE_WAIT), and the source's
+# data extents are read so that every tool reads it from the page cache (dropping the caches
+# instead is not reliable on a VM).
 # Every diskferry output is checked once per run with `qemu-img compare` (and `qemu-img check`);
 # a mismatch or a failing command fails the benchmark (exit 1) after the table is written.
 set -euo pipefail
@@ -167,9 +169,10 @@ ROWS=()       # "part|label|command|median|runs|cpu|rss_mib|size|ratio|goal|verd
 FAILURES=()
 DETAILS=()
 
-G_PART="" G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
+G_PART="" G_SRC="" G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
 
-group() { G_PART=$1; G_REPS=${2:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
+# group PART SOURCE [REPS]
+group() { G_PART=$1; G_SRC=$2; G_REPS=${3:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
 
 # variant ROLE LABEL COMMAND OUTPUT CHECK GOAL
 #   ROLE    base (the reference the ratio divides by), cand (ratio computed), ref (no ratio) or
@@ -210,24 +213,27 @@ cpu_busy() {
 }
 
 # Other work on the machine (a build, a test run) skews wall times: before each timed run,
-# wait until the CPUs are mostly idle, at most IDLE_WAIT seconds. Sets RAN_BUSY=1 on timeout.
-IDLE_WAIT=${IDLE_WAIT:-180}
+# wait until the CPUs are mostly idle, at most IDLE_WAIT seconds per run and IDLE_BUDGET seconds
+# in all (so a busy machine cannot stretch the run for ever). Sets RAN_BUSY=1 when it gave up.
+IDLE_WAIT=${IDLE_WAIT:-60}
+IDLE_BUDGET=${IDLE_BUDGET:-300}
 IDLE_MAX_BUSY=${IDLE_MAX_BUSY:-15}
+IDLE_WAITED=0
 wait_idle() {
   local start=$SECONDS busy said=0
   RAN_BUSY=0
-  ((IDLE_WAIT > 0)) || return 0
   while :; do
     busy=$(cpu_busy)
-    ((busy <= IDLE_MAX_BUSY)) && return 0
-    if ((SECONDS - start >= IDLE_WAIT)); then
-      log "  machine still ${busy}% busy after ${IDLE_WAIT}s: running anyway (noted in the table)"
+    ((busy <= IDLE_MAX_BUSY)) && break
+    if ((SECONDS - start >= IDLE_WAIT || IDLE_WAITED + SECONDS - start >= IDLE_BUDGET)); then
+      log "  machine still ${busy}% busy: running anyway (noted in the table)"
       RAN_BUSY=1
-      return 0
+      break
     fi
     ((said++)) || log "  machine ${busy}% busy (another process): waiting for it to go idle"
     sleep 2
   done
+  IDLE_WAITED=$((IDLE_WAITED + SECONDS - start))
 }
 
 rm_outputs() { # "FILE [FILE...]"
@@ -246,6 +252,9 @@ run_group() {
       sync
       wait_idle
       ((RAN_BUSY)) && busy[i]=$((busy[i] + 1))
+      # This VM evicts page cache unused for ~30 s (DAMON pageout), so re-read the source's
+      # data right before every run: each tool starts with the whole source in the page cache.
+      read_data "$G_SRC" >/dev/null
       log "$G_PART [$r/$G_REPS] ${G_CMD[i]}"
       if timed "${G_CMD[i]}"; then
         # A self-timed command prints "... SECONDS" as its last line: that is its time.
@@ -374,7 +383,7 @@ $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s"
 # ---------------------------------------------------------------- parts
 part_qcow2() {
   warm "$IMG"
-  group qcow2
+  group qcow2 "$IMG"
   variant base "qemu-img" "qemu-img convert -O qcow2 $IMG q-qemu.qcow2" q-qemu.qcow2 "" ""
   variant ref "qemu-img, flushed (-t writeback)" \
     "qemu-img convert -t writeback -O qcow2 $IMG q-qemu-wb.qcow2" q-qemu-wb.qcow2 "" ""
@@ -391,7 +400,7 @@ part_qcow2() {
 
 part_vhdx() {
   warm "$IMG"
-  group vhdx
+  group vhdx "$IMG"
   variant base "qemu-img" "qemu-img convert -O vhdx $IMG v-qemu.vhdx" v-qemu.vhdx "" ""
   variant cand "diskferry, stream (2 reads)" "diskferry convert $IMG -O vhdx -o /dev/null" "" \
     "check_stream vhdx $IMG" "ratio<=1.0"
@@ -402,7 +411,7 @@ part_vhdx() {
 
 part_compress() {
   warm "$IMG"
-  group compress-zstd
+  group compress-zstd "$IMG"
   variant base "qemu-img -c zstd" \
     "qemu-img convert -c -O qcow2 -o compression_type=zstd $IMG c-qemu-zstd.qcow2" \
     c-qemu-zstd.qcow2 "" ""
@@ -410,7 +419,7 @@ part_compress() {
     "diskferry convert $IMG -O qcow2 --qcow2-compression zstd -o c-df-zstd.qcow2" c-df-zstd.qcow2 \
     "check_image qcow2 $IMG c-df-zstd.qcow2" "ratio<=0.5"
   run_group
-  group compress-zlib
+  group compress-zlib "$IMG"
   variant base "qemu-img -c (zlib)" "qemu-img convert -c -O qcow2 $IMG c-qemu-zlib.qcow2" \
     c-qemu-zlib.qcow2 "" ""
   variant cand "diskferry zlib clusters" \
@@ -422,7 +431,7 @@ part_compress() {
 part_sparse1t() {
   warm "$SPARSE"
   # Runs take ~0.1 s, so noise matters: at least 5 reps.
-  group sparse1t $((REPS < 5 ? 5 : REPS))
+  group sparse1t "$SPARSE" $((REPS < 5 ? 5 : REPS))
   variant self "reference: find and read the 100 MiB of data (page cache), timed inside" \
     "read-data --time $SPARSE" "" "" ""
   variant base "qemu-img" "qemu-img convert -O qcow2 $SPARSE s-qemu.qcow2" s-qemu.qcow2 "" ""
@@ -435,7 +444,7 @@ part_sparse1t() {
 
 part_zstd() {
   warm "$IMG"
-  group zstd
+  group zstd "$IMG"
   variant base "qemu-img + zstd -T0 (temp file)" \
     "qemu-img convert -O qcow2 $IMG tmp-pipe.qcow2 && zstd -T0 -q tmp-pipe.qcow2 -o out-pipe.qcow2.zst" \
     "out-pipe.qcow2.zst tmp-pipe.qcow2" "check_pipeline" ""
@@ -469,8 +478,8 @@ machine() {
   [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] && dirty=" (with uncommitted changes)"
   echo "- $(diskferry --version), commit $rev$dirty"
   echo "- REPS=$REPS (median wall time; CPU = median user+system seconds; peak RSS = maximum over the runs)"
-  echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); each timed run waited for the CPUs to be" \
-    "<= ${IDLE_MAX_BUSY}% busy (at most ${IDLE_WAIT}s)"
+  echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); each timed run first waited for the CPUs" \
+    "to be <= ${IDLE_MAX_BUSY}% busy (at most ${IDLE_WAIT}s each, ${IDLE_BUDGET}s in all; ${IDLE_WAITED}s spent)"
 }
 
 images() {
@@ -503,7 +512,7 @@ RESULT=$OUT_DIR/results-$STAMP.md
   echo "# diskferry benchmark, $(date -u +'%Y-%m-%d %H:%M UTC')"
   echo
   echo "Parts: ${PARTS[*]}. Ratio = command's median / the qemu-img baseline's median in the same part."
-  echo "Sources were read once before each part, so all tools read them from the page cache."
+  echo "The source's data was read right before every timed run, so all tools read it from the page cache."
   echo
   machine
   images

@@ -97,8 +97,10 @@ Run add_convert(CLI::App& app) {
   auto dest = std::make_shared<std::string>();
   auto* c = app.add_subcommand(
       "convert",
-      "Convert a disk image to qcow2, VHDX or raw as a stream, never seeking back in the output.\n"
-      "A file destination is written as DEST.partial and renamed when complete. Output bytes\n"
+      "Convert a disk image to qcow2, VHDX or raw as a stream (file, block device, pipe)");
+  c->footer(
+      "Never seeks back in the output. A file destination is written as DEST.partial and renamed "
+      "when complete. Output bytes\n"
       "depend only on the source bytes and the options, so two runs give identical files.\n\n"
       "Examples:\n"
       "  diskferry convert vm.img -O qcow2 -o vm.qcow2\n"
@@ -108,7 +110,8 @@ Run add_convert(CLI::App& app) {
       "  diskferry convert vm.img -O qcow2 --compress zstd -o - > vm.qcow2.zst\n\n"
       "To a file, qcow2/VHDX are written in one pass and the header is rewritten at the end.\n"
       "To a pipe (or with --compress), the source is read twice: once to plan, once to write.\n"
-      "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.");
+      "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.\n\n"
+      "Exit status: 0 success, 1 failure (the message names the file and the cause), 2 bad usage.");
   args->add(*c);
   c->add_option("-o,--output", *dest, "Destination file or block device, or - for stdout")
       ->required();
@@ -128,10 +131,12 @@ Run add_convert(CLI::App& app) {
 Run add_measure(CLI::App& app) {
   auto args = std::make_shared<ImageArgs>();
   auto json = std::make_shared<bool>(false);
-  auto* c = app.add_subcommand(
-      "measure",
-      "Print the exact size `convert` would write with the same options (one read of the\n"
-      "source; with --compress the output is compressed and counted, not stored).");
+  auto* c = app.add_subcommand("measure",
+                               "Print the exact size `convert` would write with the same options");
+  c->footer(
+      "Reads the source once to plan the layout. With --compress the whole output is compressed\n"
+      "and counted (not stored), since its size is only known that way.\n\n"
+      "Example: diskferry measure vm.img -O qcow2 --qcow2-compression zstd --json");
   args->add(*c);
   c->add_flag("--json", *json, "Print {\"size\": N, ...} as JSON");
   return [args, json]() {

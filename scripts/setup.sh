@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian 12 machine (run as root): installs every package the
-# build, the tests and the demo need, then builds diskferry into build/ (and build-asan/ when
-# DISKFERRY_SETUP_ASAN=1).
+# build, the tests and the demo need, then builds diskferry into build/ (and build-asan/ and
+# build-fuzz/ when DISKFERRY_SETUP_TESTS=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

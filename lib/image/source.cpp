@@ -74,7 +74,10 @@ class RawFilePass final : public Pass {
  public:
   RawFilePass(UniqueFd fd, const std::string& name, uint64_t size, uint32_t unit,
               const SourceOptions& opts)
-      : fd_(std::move(fd)), name_(name), size_(size), unit_(unit),
+      : fd_(std::move(fd)),
+        name_(name),
+        size_(size),
+        unit_(unit),
         mask_(opts.layout, opts.layout_name) {}
 
   std::optional<Chunk> next(MutableBytes buf) override {
@@ -167,7 +170,9 @@ class StreamPass final : public Pass {
  public:
   StreamPass(std::unique_ptr<ByteReader> reader, std::string name, uint32_t unit,
              const SourceOptions& opts)
-      : reader_(std::move(reader)), name_(std::move(name)), unit_(unit),
+      : reader_(std::move(reader)),
+        name_(std::move(name)),
+        unit_(unit),
         mask_(opts.layout, opts.layout_name) {}
 
   std::optional<Chunk> next(MutableBytes buf) override {

@@ -1,9 +1,9 @@
 // libFuzzer target: compression detection and the gzip/zstd source decoders (outside bytes from
 // a .gz/.zst image or stdin). Input goes through a memfd so the real fd reader is exercised.
-#include <cstddef>
-#include <cstdint>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "codec/decode.hpp"
@@ -20,8 +20,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto head = diskferry::Bytes(reinterpret_cast<const std::byte*>(data), size < 4 ? size : 4);
   auto c = diskferry::detect_compression(head);
   try {
-    auto r = diskferry::make_decoder(c, diskferry::make_fd_reader(diskferry::UniqueFd(fd), "f"),
-                                     "fuzz");
+    auto r =
+        diskferry::make_decoder(c, diskferry::make_fd_reader(diskferry::UniqueFd(fd), "f"), "fuzz");
     std::vector<std::byte> buf(64 * 1024);
     size_t total = 0;
     // Bound the output: a tiny input may legitimately expand to gigabytes of zeros.

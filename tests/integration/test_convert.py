@@ -111,6 +111,12 @@ class Matrix(unittest.TestCase):
         return os.path.join(self.dir, name)
 
     def check_image(self, src, img, fmt, label):
+        empty = os.path.getsize(src) == 0
+        if empty and label.endswith("vhdx-256M"):
+            # QEMU miscounts the BAT of an empty VHDX (uint32 wrap of n-1) and would need a 2 GiB
+            # BAT region with 256 MiB blocks, which it cannot read (nor create: qemu-img create
+            # -f vhdx -o block_size=256M x 0 fails). Other block sizes are checked below.
+            return
         if fmt != "raw":
             p = run("qemu-img", "check", "-f", fmt, img, check=False)
             self.assertEqual(p.returncode, 0, f"{label}: qemu-img check: {p.stdout.decode()}"
@@ -119,6 +125,16 @@ class Matrix(unittest.TestCase):
         p = run("qemu-img", "compare", "-f", "raw", "-F", fmt, src, img, check=False)
         self.assertEqual(p.returncode, 0, f"{label}: qemu-img compare: {p.stdout.decode()}"
                          f"{p.stderr.decode()}")
+        if empty:
+            # libyal refuses every empty image (qcow2: L1 size 0; VHDX: 0 BAT entries), QEMU's
+            # own included: check that this is still so, rather than skipping silently.
+            ref = img + ".qemu-empty"
+            run("qemu-img", "create", "-q", "-f", fmt, ref, "0") if fmt != "raw" else None
+            tool = {"qcow2": "qcowinfo", "vhdx": "vhdiinfo"}.get(fmt)
+            if tool:
+                self.assertNotEqual(run(tool, ref, check=False).returncode, 0)
+                os.unlink(ref)
+            return
         if fmt == "qcow2" and "zstd" not in label:
             # libqcow (Debian 12) knows no zstd compression type; it reads the rest.
             run("qcowinfo", img)
@@ -236,6 +252,57 @@ class Matrix(unittest.TestCase):
         run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, q)
         self.assertEqual(json.loads(run("qemu-img", "info", "--output=json", q).stdout)
                          ["virtual-size"], info["virtual-size"])
+
+
+class BlockDevices(unittest.TestCase):
+    """A loop device as the source (no hole map: every unit is read) and as the destination
+    (positioned: single pass with the header rewrite; zeros written, never left as holes)."""
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root for loop devices")
+        self.dir = tempfile.mkdtemp(prefix="df-blk-", dir="/var/tmp")
+        self.loops = []
+
+    def tearDown(self):
+        for dev in self.loops:
+            run("losetup", "-d", dev, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def loop(self, path):
+        p = run("losetup", "--find", "--show", path, check=False)
+        if p.returncode != 0:
+            self.skipTest("no loop device: " + p.stderr.decode().strip())
+        dev = p.stdout.decode().strip()
+        self.loops.append(dev)
+        return dev
+
+    def test_loop_device_source_and_destination(self):
+        img = os.path.join(self.dir, "src.img")
+        make_sparse(img, 64 * MiB, [(0, text(3 * MiB, 1)), (40 * MiB + 7, rnd(MiB, 2))])
+        src_dev = self.loop(img)
+        ref = os.path.join(self.dir, "ref.qcow2")
+        run(DF, "convert", img, "-O", "qcow2", "-o", ref)
+        for fmt in ("qcow2", "vhdx"):
+            with self.subTest(fmt):
+                # Destination device filled with junk: zeros must be written, not skipped.
+                target = os.path.join(self.dir, "target." + fmt)
+                with open(target, "wb") as f:
+                    f.write(b"\xee" * (80 * MiB))
+                dst_dev = self.loop(target)
+                run(DF, "convert", src_dev, "-O", fmt, "-o", dst_dev)
+                run("qemu-img", "check", "-f", fmt, dst_dev)
+                run("qemu-img", "compare", "-f", "raw", "-F", fmt, img, dst_dev)
+                if fmt == "qcow2":
+                    size = os.path.getsize(ref)
+                    with open(ref, "rb") as a, open(dst_dev, "rb") as b:
+                        self.assertEqual(a.read(), b.read(size), "device copy differs from file")
+        raw_target = os.path.join(self.dir, "target.raw")
+        with open(raw_target, "wb") as f:
+            f.write(b"\xee" * (64 * MiB))
+        dst_dev = self.loop(raw_target)
+        run(DF, "convert", img, "-O", "raw", "-o", dst_dev)
+        run("cmp", img, dst_dev)
 
 
 def filecmp(a, b):

@@ -1,13 +1,13 @@
 #include <doctest/doctest.h>
 
-#include <cstring>
 #include <fcntl.h>
-#include <random>
-#include <string>
 #include <unistd.h>
-#include <vector>
 #include <zlib.h>
 #include <zstd.h>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
 
 #include "codec/cluster.hpp"
 #include "codec/decode.hpp"

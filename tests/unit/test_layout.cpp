@@ -23,9 +23,9 @@ TEST_CASE("rbd diff layout: malformed input names the file and the entry") {
   CHECK_THROWS_WITH_AS(parse_rbd_layout("[", "l.json"), doctest::Contains("l.json"), Error);
   CHECK_THROWS_WITH_AS(parse_rbd_layout("{}", "l.json"), doctest::Contains("array"), Error);
   CHECK_THROWS_WITH_AS(parse_rbd_layout(R"([1])", "l.json"), doctest::Contains("entry 0"), Error);
-  CHECK_THROWS_WITH_AS(parse_rbd_layout(R"([{"offset":0,"length":1},{"offset":-1,"length":1}])",
-                                        "l.json"),
-                       doctest::Contains("entry 1"), Error);
+  CHECK_THROWS_WITH_AS(
+      parse_rbd_layout(R"([{"offset":0,"length":1},{"offset":-1,"length":1}])", "l.json"),
+      doctest::Contains("entry 1"), Error);
   CHECK_THROWS_WITH_AS(parse_rbd_layout(R"([{"offset":18446744073709551615,"length":2}])", "l"),
                        doctest::Contains("overflows"), Error);
   CHECK_THROWS_WITH_AS(parse_rbd_layout(R"([{"offset":0,"length":1,"exists":"maybe"}])", "l"),
