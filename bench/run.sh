@@ -293,8 +293,12 @@ run_group() {
           note=" **CHECK FAILED: $CHK_NOTE**"
         fi
       fi
-      [[ -n $CHK_SIZE ]] && size="$(mib "$CHK_SIZE") MiB" &&
-        DETAILS+=("$G_PART | ${G_LABEL[i]} | output $CHK_SIZE bytes")
+      if [[ -n $CHK_SIZE ]]; then
+        size="$(mib "$CHK_SIZE") MiB"
+        local alloc=""
+        [[ -n $first && -f $first ]] && alloc=", $(($(du -B1 "$first" | cut -f1))) allocated (du)"
+        DETAILS+=("$G_PART | ${G_LABEL[i]} | $CHK_SIZE bytes$alloc")
+      fi
       if [[ ${G_BASE[i]} == cand && -n $base_med ]]; then
         ratio=$(awk -v a="$med" -v b="$base_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
       fi
@@ -520,7 +524,7 @@ RESULT=$OUT_DIR/results-$STAMP.md
   table
   if ((${#DETAILS[@]})); then
     echo
-    echo "Output sizes in bytes:"
+    echo "Output sizes in bytes (apparent size; allocated where the output was a file):"
     echo
     for d in "${DETAILS[@]}"; do echo "- $d"; done
   fi

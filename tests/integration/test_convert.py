@@ -77,6 +77,8 @@ def sources(d):
     mk("odd_size", 5 * MiB + 12345, [(0, text(5 * MiB + 12345, 7))])  # not a multiple of 512
     mk("not_cluster_multiple", 3 * MiB + 1536, [(3 * MiB, rnd(1536, 8))])
     mk("zeros_written", 4 * MiB, [(0, bytes(4 * MiB))])  # allocated but all zero
+    mk("mixed", 48 * MiB + 512, [(100, text(5 * MiB, 10)), (9 * MiB - 5, rnd(2 * MiB, 11)),
+                                (33 * MiB, text(64 * KiB, 12)), (48 * MiB, rnd(512, 13))])
     mk("big_sparse", 6 * GiB, [(i * 700 * MiB + 4097, rnd(300 * KiB, 9 + i)) for i in range(8)])
     return s
 
@@ -168,7 +170,7 @@ class Matrix(unittest.TestCase):
                     os.unlink(b)
 
     def test_compressed_sources_give_the_same_image(self):
-        src = self.src["boundaries"]
+        src = self.src["mixed"]
         gz, zst = self.out("b.img.gz"), self.out("b.img.zst")
         with open(src, "rb") as f, gzip.open(gz, "wb", compresslevel=1) as g:
             shutil.copyfileobj(f, g, 4 * MiB)
@@ -188,7 +190,7 @@ class Matrix(unittest.TestCase):
                 os.unlink(ref)
 
     def test_outer_compression(self):
-        src = self.src["boundaries"]
+        src = self.src["mixed"]
         for label, args, fmt in [c for c in CONFIGS if c[0] in ("qcow2", "vhdx", "raw")]:
             for comp, decomp in (("zstd", ["zstd", "-q", "-d", "-c"]),
                                  ("zstd:9", ["zstd", "-q", "-d", "-c"]),
@@ -217,7 +219,7 @@ class Matrix(unittest.TestCase):
         run(DF, "convert", src, "-O", "raw", "-o", o)
         self.assertEqual(os.path.getsize(o), 6 * GiB)
         self.assertLess(os.stat(o).st_blocks * 512, 64 * MiB)
-        run("cmp", src, o)
+        self.assertTrue(filecmp(src, o))
 
     def test_layout_file(self):
         src = self.src["random"]
@@ -305,8 +307,37 @@ class BlockDevices(unittest.TestCase):
         run("cmp", img, dst_dev)
 
 
+def data_ranges(path):
+    """The file's data extents (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
+    out = []
+    with open(path, "rb") as f:
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end))
+            pos = end
+    return out
+
+
 def filecmp(a, b):
-    return subprocess.run(["cmp", "-s", a, b]).returncode == 0
+    """Byte equality without reading GiBs of holes: compares the union of both data maps."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    ranges = sorted(data_ranges(a) + data_ranges(b))
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for start, end in ranges:
+            fa.seek(start)
+            fb.seek(start)
+            while start < end:
+                n = min(4 * MiB, end - start)
+                if fa.read(n) != fb.read(n):
+                    return False
+                start += n
+    return True
 
 
 class BadInput(unittest.TestCase):
