@@ -1,0 +1,238 @@
+#include "transport/sftp/channel.hpp"
+
+#include <fmt/format.h>
+#include <libssh/libssh.h>
+#include <array>
+
+namespace diskferry::sftp {
+
+Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
+    : session_(session), ch_(ssh_channel_new(session.get())), stall_(stall_timeout) {
+  if (!ch_) throw Error(ErrorKind::Internal, "libssh: ssh_channel_new failed");
+  if (ssh_channel_open_session(ch_) != SSH_OK)
+    throw DisconnectedError(
+        fmt::format("{}: cannot open a channel: {}", where(), ssh_get_error(session_.get())));
+  if (ssh_channel_request_subsystem(ch_, "sftp") != SSH_OK)
+    throw ConnectError(ConnectFailure::Protocol,
+                       fmt::format("{}: the server refused the sftp subsystem: {}", where(),
+                                   ssh_get_error(session_.get())));
+  PacketWriter init(kInit, std::nullopt);
+  init.u32(3);
+  send(init.finish());
+  Reply v = receive();
+  if (v.type != kVersion)
+    throw ProtocolError(
+        fmt::format("{}: expected SFTP VERSION, got packet type {}", where(), v.type));
+  if (v.version < 3)
+    throw ProtocolError(
+        fmt::format("{}: server speaks SFTP version {}, need 3", where(), v.version));
+  for (auto& [name, data] : v.extensions) extensions_[name] = data;
+  if (has("limits@openssh.com")) {
+    PacketWriter w(kExtended, next_id());
+    w.str("limits@openssh.com");
+    uint32_t id = last_id_;
+    Reply r = request(w, id);
+    if (r.type == kExtendedReply) {
+      PacketReader rd(r.data);
+      rd.u64("max packet length");
+      rd.u64("max read length");
+      uint64_t max_write = rd.u64("max write length");
+      if (max_write >= 4096)
+        max_write_ = static_cast<uint32_t>(std::min<uint64_t>(max_write, 1u << 18));
+    }
+  }
+}
+
+Channel::~Channel() {
+  if (ch_) {
+    ssh_channel_close(ch_);
+    ssh_channel_free(ch_);
+  }
+}
+
+void Channel::send(const std::vector<std::byte>& packet) {
+  size_t done = 0;
+  while (done < packet.size()) {
+    int n =
+        ssh_channel_write(ch_, packet.data() + done, static_cast<uint32_t>(packet.size() - done));
+    if (n == SSH_ERROR)
+      throw DisconnectedError(fmt::format("{}: connection lost while sending: {}", where(),
+                                          ssh_get_error(session_.get())));
+    done += static_cast<size_t>(n);
+  }
+}
+
+Reply Channel::receive() {
+  std::array<std::byte, 64 * 1024> buf;
+  auto deadline = std::chrono::steady_clock::now() + stall_;
+  for (;;) {
+    if (auto body = framer_.next()) return parse_reply(*body);
+    int n = ssh_channel_read_timeout(ch_, buf.data(), buf.size(), 0, 1000);
+    if (n == SSH_ERROR)
+      throw DisconnectedError(
+          fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
+    if (n > 0) {
+      framer_.feed(Bytes(buf.data(), static_cast<size_t>(n)));
+      deadline = std::chrono::steady_clock::now() + stall_;
+      continue;
+    }
+    if (ssh_channel_is_eof(ch_) || ssh_channel_is_closed(ch_))
+      throw DisconnectedError(fmt::format("{}: the server closed the SFTP channel", where()));
+    if (std::chrono::steady_clock::now() > deadline)
+      throw DisconnectedError(
+          fmt::format("{}: no reply for {} s (stalled connection)", where(), stall_.count()));
+  }
+}
+
+Reply Channel::wait(uint32_t id) {
+  if (auto it = early_.find(id); it != early_.end()) {
+    Reply r = std::move(it->second);
+    early_.erase(it);
+    return r;
+  }
+  for (;;) {
+    Reply r = receive();
+    if (!r.id) throw ProtocolError(fmt::format("{}: unexpected VERSION packet", where()));
+    if (*r.id == id) return r;
+    if (*r.id > last_id_ || early_.count(*r.id))
+      throw ProtocolError(fmt::format("{}: reply for unknown request id {}", where(), *r.id));
+    early_.emplace(*r.id, std::move(r));
+  }
+}
+
+Reply Channel::request(PacketWriter& w, uint32_t id) {
+  send(w.finish());
+  return wait(id);
+}
+
+void Channel::expect_ok(const Reply& r, const std::string& what) {
+  if (r.type != kStatus)
+    throw ProtocolError(
+        fmt::format("{}: expected a status reply, got packet type {}", what, r.type));
+  if (r.status != kOk)
+    throw StatusError(r.status, fmt::format("{}: {}{}", what, status_name(r.status),
+                                            r.message.empty() || r.message == status_name(r.status)
+                                                ? ""
+                                                : " (" + r.message + ")"));
+}
+
+std::string Channel::open(const std::string& path, uint32_t flags, const Attrs& attrs) {
+  uint32_t id = next_id();
+  PacketWriter w(kOpen, id);
+  w.str(path).u32(flags).attrs(attrs);
+  Reply r = request(w, id);
+  if (r.type == kHandle)
+    return std::string(reinterpret_cast<const char*>(r.data.data()), r.data.size());
+  expect_ok(r, fmt::format("{}: {}: cannot open", where(), path));
+  throw ProtocolError(fmt::format("{}: open {}: no handle in reply", where(), path));
+}
+
+void Channel::close(const std::string& handle) {
+  uint32_t id = next_id();
+  PacketWriter w(kClose, id);
+  w.str(handle);
+  expect_ok(request(w, id), fmt::format("{}: close", where()));
+}
+
+std::optional<Attrs> Channel::stat(const std::string& path) {
+  uint32_t id = next_id();
+  PacketWriter w(kStat, id);
+  w.str(path);
+  Reply r = request(w, id);
+  if (r.type == kAttrs) return r.attrs;
+  if (r.type == kStatus && r.status == kNoSuchFile) return std::nullopt;
+  expect_ok(r, fmt::format("{}: {}: stat", where(), path));
+  throw ProtocolError(fmt::format("{}: stat {}: no attributes in reply", where(), path));
+}
+
+void Channel::mkdir(const std::string& path) {
+  uint32_t id = next_id();
+  PacketWriter w(kMkdir, id);
+  w.str(path).attrs({});
+  expect_ok(request(w, id), fmt::format("{}: {}: cannot create directory", where(), path));
+}
+
+void Channel::mkdirs(const std::string& dir) {
+  if (dir.empty() || dir == "/" || dir == ".") return;
+  if (auto a = stat(dir)) {
+    if (a->permissions && (*a->permissions & 0170000) != 0040000)
+      throw StatusError(kFailure,
+                        fmt::format("{}: {}: exists and is not a directory", where(), dir));
+    return;
+  }
+  auto slash = dir.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) mkdirs(dir.substr(0, slash));
+  mkdir(dir);
+}
+
+void Channel::remove(const std::string& path) {
+  uint32_t id = next_id();
+  PacketWriter w(kRemove, id);
+  w.str(path);
+  expect_ok(request(w, id), fmt::format("{}: {}: cannot remove", where(), path));
+}
+
+void Channel::rename(const std::string& from, const std::string& to) {
+  uint32_t id = next_id();
+  if (has("posix-rename@openssh.com")) {
+    PacketWriter w(kExtended, id);
+    w.str("posix-rename@openssh.com").str(from).str(to);
+    expect_ok(request(w, id), fmt::format("{}: cannot rename {} to {}", where(), from, to));
+    return;
+  }
+  PacketWriter w(kRename, id);
+  w.str(from).str(to);
+  expect_ok(request(w, id), fmt::format("{}: cannot rename {} to {} (server lacks "
+                                        "posix-rename, so an existing target is not replaced)",
+                                        where(), from, to));
+}
+
+void Channel::fsync(const std::string& handle) {
+  if (!has("fsync@openssh.com")) return;
+  uint32_t id = next_id();
+  PacketWriter w(kExtended, id);
+  w.str("fsync@openssh.com").str(handle);
+  expect_ok(request(w, id), fmt::format("{}: fsync", where()));
+}
+
+void Channel::truncate(const std::string& handle, uint64_t size) {
+  uint32_t id = next_id();
+  PacketWriter w(kFsetstat, id);
+  Attrs a;
+  a.size = size;
+  w.str(handle).attrs(a);
+  expect_ok(request(w, id), fmt::format("{}: cannot set file size to {}", where(), size));
+}
+
+std::optional<StatVfs> Channel::statvfs(const std::string& path) {
+  if (!has("statvfs@openssh.com")) return std::nullopt;
+  uint32_t id = next_id();
+  PacketWriter w(kExtended, id);
+  w.str("statvfs@openssh.com").str(path);
+  Reply r = request(w, id);
+  if (r.type != kExtendedReply) {
+    expect_ok(r, fmt::format("{}: {}: statvfs", where(), path));
+    return std::nullopt;
+  }
+  PacketReader rd(r.data);
+  StatVfs s;
+  s.block_size = rd.u64("f_bsize");
+  uint64_t frsize = rd.u64("f_frsize");
+  rd.u64("f_blocks");
+  rd.u64("f_bfree");
+  s.blocks_avail = rd.u64("f_bavail");
+  if (frsize) s.block_size = frsize;
+  return s;
+}
+
+std::string Channel::realpath(const std::string& path) {
+  uint32_t id = next_id();
+  PacketWriter w(kRealpath, id);
+  w.str(path);
+  Reply r = request(w, id);
+  if (r.type == kName && r.names.size() == 1) return r.names[0].first;
+  expect_ok(r, fmt::format("{}: {}: realpath", where(), path));
+  throw ProtocolError(fmt::format("{}: realpath {}: malformed reply", where(), path));
+}
+
+}  // namespace diskferry::sftp

@@ -1,0 +1,193 @@
+#include "transport/sftp/ssh_session.hpp"
+
+#include <fmt/format.h>
+#include <libssh/libssh.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pwd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cerrno>
+#include <cstdlib>
+
+namespace diskferry::sftp {
+namespace {
+
+std::string home_dir() {
+  if (const char* h = std::getenv("HOME"); h && *h) return h;
+  if (const passwd* pw = getpwuid(getuid())) return pw->pw_dir;
+  return "/";
+}
+
+std::string expand_home(const std::string& p) {
+  return p.rfind("~/", 0) == 0 ? home_dir() + p.substr(1) : p;
+}
+
+bool cpu_has_aes() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("aes");
+#else
+  return false;
+#endif
+}
+
+struct KeyFree {
+  void operator()(ssh_key k) const { ssh_key_free(k); }
+};
+using Key = std::unique_ptr<ssh_key_struct, KeyFree>;
+
+}  // namespace
+
+void check_private_key_permissions(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw_errno(ErrorKind::Usage, path, "identity file", errno);
+  if (st.st_mode & 077)
+    throw Error(ErrorKind::Usage,
+                fmt::format("{}: private key is accessible by group or others (mode {:04o}); "
+                            "run: chmod 600 {}",
+                            path, st.st_mode & 07777, path));
+}
+
+SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
+  if (!s_) throw Error(ErrorKind::Internal, "libssh: ssh_new failed");
+  // Only the config file we name is read: a daemon must not depend on whose HOME it runs with.
+  int no = 0, yes = 1;
+  ssh_options_set(s_, SSH_OPTIONS_PROCESS_CONFIG, &no);
+  ssh_options_set(s_, SSH_OPTIONS_HOST, url.host.c_str());
+  std::string config = expand_home(o.ssh_config.value_or("~/.ssh/config"));
+  if (::access(config.c_str(), R_OK) == 0 && ssh_options_parse_config(s_, config.c_str()) != 0)
+    throw Error(ErrorKind::Usage, fmt::format("{}: cannot parse ssh config", config));
+  if (url.user) ssh_options_set(s_, SSH_OPTIONS_USER, url.user->c_str());
+  if (url.port) {
+    unsigned int port = static_cast<unsigned>(*url.port);
+    ssh_options_set(s_, SSH_OPTIONS_PORT, &port);
+  }
+  known_hosts_ = expand_home(o.known_hosts.value_or("~/.ssh/known_hosts"));
+  ssh_options_set(s_, SSH_OPTIONS_KNOWNHOSTS, known_hosts_.c_str());
+  // Request/response traffic stalls on Nagle + delayed ACK without this.
+  ssh_options_set(s_, SSH_OPTIONS_NODELAY, &yes);
+  long timeout = static_cast<long>(o.timeout.count());
+  ssh_options_set(s_, SSH_OPTIONS_TIMEOUT, &timeout);
+  // AES-GCM is the fastest authenticated cipher where the CPU has AES instructions;
+  // chacha20-poly1305 where it has not.
+  const char* ciphers = cpu_has_aes() ? "aes128-gcm@openssh.com,aes256-gcm@openssh.com,"
+                                        "chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
+                                      : "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,"
+                                        "aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
+  ssh_options_set(s_, SSH_OPTIONS_CIPHERS_C_S, ciphers);
+  ssh_options_set(s_, SSH_OPTIONS_CIPHERS_S_C, ciphers);
+
+  char* user = nullptr;
+  ssh_options_get(s_, SSH_OPTIONS_USER, &user);
+  unsigned int port = 22;
+  ssh_options_get_port(s_, &port);
+  char* host = nullptr;
+  ssh_options_get(s_, SSH_OPTIONS_HOST, &host);
+  where_ = fmt::format("{}@{}:{}", user ? user : "?", host ? host : url.host, port);
+  ssh_string_free_char(user);
+  ssh_string_free_char(host);
+
+  if (ssh_connect(s_) != SSH_OK)
+    throw ConnectError(ConnectFailure::Unreachable,
+                       fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_)));
+  int fd = ssh_get_fd(s_);
+  if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &yes, sizeof yes);
+  verify_host_key(o);
+  authenticate(o);
+}
+
+SshSession::~SshSession() {
+  if (s_) {
+    ssh_disconnect(s_);
+    ssh_free(s_);
+  }
+}
+
+std::string SshSession::cipher() const {
+  const char* c = ssh_get_cipher_out(s_);
+  return c ? c : "?";
+}
+
+void SshSession::verify_host_key(const SshOptions& o) {
+  ssh_key raw = nullptr;
+  if (ssh_get_server_publickey(s_, &raw) != SSH_OK)
+    throw ConnectError(ConnectFailure::Protocol,
+                       fmt::format("{}: server sent no host key", where_));
+  Key key(raw);
+  unsigned char* hash = nullptr;
+  size_t hlen = 0;
+  if (ssh_get_publickey_hash(key.get(), SSH_PUBLICKEY_HASH_SHA256, &hash, &hlen) != 0)
+    throw ConnectError(ConnectFailure::Protocol, fmt::format("{}: cannot hash host key", where_));
+  char* fp = ssh_get_fingerprint_hash(SSH_PUBLICKEY_HASH_SHA256, hash, hlen);
+  ssh_clean_pubkey_hash(&hash);
+  fingerprint_ = fp ? fp : "?";
+  ssh_string_free_char(fp);
+  std::string type = ssh_key_type_to_char(ssh_key_type(key.get()));
+
+  switch (ssh_session_is_known_server(s_)) {
+    case SSH_KNOWN_HOSTS_OK:
+      return;
+    case SSH_KNOWN_HOSTS_CHANGED:
+    case SSH_KNOWN_HOSTS_OTHER:
+      // Never overridable by a flag: a changed key is either a re-installed server (fix
+      // known_hosts by hand, after checking) or an attack.
+      throw ConnectError(
+          ConnectFailure::HostKeyChanged,
+          fmt::format("{}: HOST KEY CHANGED: the server now presents {} {} which does not match "
+                      "{}. This may be an attack. If the server's key was really replaced, check "
+                      "the new fingerprint with the provider, remove the old entry (ssh-keygen -R "
+                      "HOST -f {}) and connect again",
+                      where_, type, fingerprint_, known_hosts_, known_hosts_));
+    case SSH_KNOWN_HOSTS_UNKNOWN:
+    case SSH_KNOWN_HOSTS_NOT_FOUND:
+      if (o.accept_new_host_key) {
+        if (ssh_session_update_known_hosts(s_) != SSH_OK)
+          throw Error(ErrorKind::Output, fmt::format("{}: cannot add host key to {}: {}", where_,
+                                                     known_hosts_, ssh_get_error(s_)));
+        return;
+      }
+      throw ConnectError(
+          ConnectFailure::HostKeyUnknown,
+          fmt::format("{}: unknown host key {} {} (not in {}); if that is the server's key, run "
+                      "again with --accept-new-host-key to add it",
+                      where_, type, fingerprint_, known_hosts_));
+    case SSH_KNOWN_HOSTS_ERROR:
+      break;
+  }
+  throw ConnectError(
+      ConnectFailure::Protocol,
+      fmt::format("{}: cannot check host key in {}: {}", where_, known_hosts_, ssh_get_error(s_)));
+}
+
+void SshSession::authenticate(const SshOptions& o) {
+  int rc;
+  if (o.identity) {
+    check_private_key_permissions(*o.identity);
+    ssh_key raw = nullptr;
+    if (ssh_pki_import_privkey_file(o.identity->c_str(), nullptr, nullptr, nullptr, &raw) != SSH_OK)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{}: cannot read private key (passphrase-protected keys need "
+                              "ssh-agent)",
+                              *o.identity));
+    Key key(raw);
+    rc = ssh_userauth_publickey(s_, nullptr, key.get());
+  } else {
+    // ssh-agent, then IdentityFile from the config and the default ~/.ssh/id_* keys.
+    rc = ssh_userauth_publickey_auto(s_, nullptr, nullptr);
+  }
+  if (rc == SSH_AUTH_SUCCESS) return;
+  if (rc == SSH_AUTH_ERROR)
+    throw ConnectError(ConnectFailure::Unreachable,
+                       fmt::format("{}: authentication failed: {}", where_, ssh_get_error(s_)));
+  throw ConnectError(ConnectFailure::AuthRefused,
+                     fmt::format("{}: authentication refused for {} (is its public key in the "
+                                 "server's authorized keys?)",
+                                 where_,
+                                 o.identity ? "key " + *o.identity
+                                            : "ssh-agent and the "
+                                              "default keys"));
+}
+
+}  // namespace diskferry::sftp

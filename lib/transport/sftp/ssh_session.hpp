@@ -1,0 +1,61 @@
+// One authenticated SSH connection (libssh), host key verified strictly.
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "transport/sftp/url.hpp"
+#include "util/error.hpp"
+
+struct ssh_session_struct;
+
+namespace diskferry::sftp {
+
+struct SshOptions {
+  std::optional<std::string> identity;     // private key file; absent: ssh-agent, then defaults
+  std::optional<std::string> known_hosts;  // default ~/.ssh/known_hosts
+  std::optional<std::string> ssh_config;   // default ~/.ssh/config (Host aliases)
+  bool accept_new_host_key = false;        // like StrictHostKeyChecking=accept-new
+  std::chrono::seconds timeout{30};        // connect and each blocking call
+};
+
+// Why a connection attempt failed; decides whether retrying can help.
+enum class ConnectFailure { Unreachable, HostKeyUnknown, HostKeyChanged, AuthRefused, Protocol };
+
+class ConnectError : public Error {
+ public:
+  ConnectError(ConnectFailure f, const std::string& what)
+      : Error(ErrorKind::Output, what), failure_(f) {}
+  ConnectFailure failure() const { return failure_; }
+  bool retryable() const { return failure_ == ConnectFailure::Unreachable; }
+
+ private:
+  ConnectFailure failure_;
+};
+
+class SshSession {
+ public:
+  // Connects, verifies the host key and authenticates; throws ConnectError or Error(Usage).
+  SshSession(const Url& url, const SshOptions& options);
+  ~SshSession();
+  SshSession(const SshSession&) = delete;
+  SshSession& operator=(const SshSession&) = delete;
+
+  ssh_session_struct* get() const { return s_; }
+  const std::string& where() const { return where_; }  // user@host:port, for messages
+  const std::string& fingerprint() const { return fingerprint_; }
+  std::string cipher() const;
+
+ private:
+  void verify_host_key(const SshOptions& o);
+  void authenticate(const SshOptions& o);
+
+  ssh_session_struct* s_ = nullptr;
+  std::string where_, fingerprint_, known_hosts_;
+};
+
+// Refuses a private key readable by group or others, as ssh does. Throws Error(Usage).
+void check_private_key_permissions(const std::string& path);
+
+}  // namespace diskferry::sftp
