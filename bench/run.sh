@@ -9,20 +9,24 @@
 #   BENCH_DIR   scratch directory for test images and outputs (default /var/tmp/diskferry-bench).
 #               Needs ~14 GB free at peak (test image ~1.7 GB, outputs, the zstd pipeline's temp).
 #               Keep it on a real filesystem with SEEK_DATA/SEEK_HOLE (ext4, xfs), not tmpfs.
-#   REPS        runs of each command; the median wall time is reported (default 3)
+#   REPS        runs of each command; the median wall time is reported (default 3; the short
+#               parts qcow2, vhdx and sparse1t run at least 5)
 #   DISKFERRY   diskferry binary (default <repo>/build/bin/diskferry)
 #   QEMU_IMG    qemu-img binary (default qemu-img from PATH)
 #   OUT_DIR     where the Markdown results go (default <repo>/bench/out)
 #   IDLE_WAIT   before each timed run, wait up to this many seconds for the CPUs to be idle
 #               (other builds/tests running skew wall times; default 60, 0 = don't wait)
-#   IDLE_BUDGET at most this many seconds of such waiting in the whole run (default 300)
+#   IDLE_BUDGET at most this many seconds of such waiting in the whole run (default 240)
 #   IDLE_MAX_BUSY  "idle" means at most this percent of all CPUs busy (default 15)
+#   MEM_TOUCH   1 (default): before each timed run, write and free about an output's size of
+#               memory, so that a VM's free-page reporting balloon cannot make one tool's page
+#               cache writes 5x dearer than another's by luck (see bench/read_data.py); 0: don't
 #
 # Each timed command runs under /usr/bin/time (peak RSS) with its wall time taken from bash's
 # EPOCHREALTIME. Before every timed command: outputs are deleted and `sync` runs (no tool pays for
-# another's writeback), the script waits for the CPUs to be idle (see IDLE_WAIT), and the source's
+# another's writeback), the script waits for the CPUs to be idle (see IDLE_WAIT), the source's
 # data extents are read so that every tool reads it from the page cache (dropping the caches
-# instead is not reliable on a VM).
+# instead is not reliable on a VM), and memory for the output is touched (see MEM_TOUCH).
 # Every diskferry output is checked once per run with `qemu-img compare` (and `qemu-img check`);
 # a mismatch or a failing command fails the benchmark (exit 1) after the table is written.
 set -euo pipefail
@@ -80,7 +84,7 @@ SPARSE=sparse1t.img  # 1 TiB raw image with 100 x 1 MiB of random data
 
 # Reads every data extent of a file (SEEK_DATA/SEEK_HOLE), skipping holes: warms the page cache
 # like `cat img > /dev/null` would, without reading gigabytes of holes as zeros. Prints bytes read.
-read_data() { read-data "$1"; }
+read_data() { read-data "$@"; }
 
 # Bytes that hold data according to the file's own map (what a converter must read).
 data_bytes() {
@@ -169,13 +173,15 @@ ROWS=()       # "part|label|command|median|runs|cpu|rss_mib|size|ratio|goal|verd
 FAILURES=()
 DETAILS=()
 
-G_PART="" G_SRC="" G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
+G_PART="" G_SRC="" G_TOUCH=0 G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
 
-# group PART SOURCE [REPS]
-group() { G_PART=$1; G_SRC=$2; G_REPS=${3:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
+# group PART SOURCE TOUCH_MIB [REPS]
+#   TOUCH_MIB: memory made host-backed before each run (see MEM_TOUCH); about the output size.
+group() { G_PART=$1; G_SRC=$2; G_TOUCH=$3; G_REPS=${4:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
 
 # variant ROLE LABEL COMMAND OUTPUT CHECK GOAL
-#   ROLE    base (the reference the ratio divides by), cand (ratio computed), ref (no ratio) or
+#   ROLE    base (the reference the ratio divides by), cand (ratio computed), ref (no ratio),
+#           base2 (a second reference: cand rows also show their ratio to it, "vs flushed") or
 #           self (no ratio; the command prints its own time as the last word of its output)
 #   OUTPUT  files the command writes, space-separated (deleted before each run; the first one's
 #           size is reported), or ""
@@ -216,9 +222,10 @@ cpu_busy() {
 # wait until the CPUs are mostly idle, at most IDLE_WAIT seconds per run and IDLE_BUDGET seconds
 # in all (so a busy machine cannot stretch the run for ever). Sets RAN_BUSY=1 when it gave up.
 IDLE_WAIT=${IDLE_WAIT:-60}
-IDLE_BUDGET=${IDLE_BUDGET:-300}
+IDLE_BUDGET=${IDLE_BUDGET:-240}
 IDLE_MAX_BUSY=${IDLE_MAX_BUSY:-15}
 IDLE_WAITED=0
+MEM_TOUCH=${MEM_TOUCH:-1}
 wait_idle() {
   local start=$SECONDS busy said=0
   RAN_BUSY=0
@@ -254,7 +261,8 @@ run_group() {
       ((RAN_BUSY)) && busy[i]=$((busy[i] + 1))
       # This VM evicts page cache unused for ~30 s (DAMON pageout), so re-read the source's
       # data right before every run: each tool starts with the whole source in the page cache.
-      read_data "$G_SRC" >/dev/null
+      # Then touch fresh memory so that the output's page cache is host-backed (read_data.py).
+      read_data --touch $((MEM_TOUCH ? G_TOUCH : 0)) "$G_SRC" >/dev/null
       log "$G_PART [$r/$G_REPS] ${G_CMD[i]}"
       if timed "${G_CMD[i]}"; then
         # A self-timed command prints "... SECONDS" as its last line: that is its time.
@@ -269,10 +277,11 @@ run_group() {
       fi
     done
   done
-  # Baseline median for ratios.
-  local base_med=""
+  # Baseline medians for ratios.
+  local base_med="" base2_med=""
   for ((i = 0; i < n; i++)); do
     [[ ${G_BASE[i]} == base && -z ${err[i]} ]] && base_med=$(median <<<"${times[i]}")
+    [[ ${G_BASE[i]} == base2 && -z ${err[i]} ]] && base2_med=$(median <<<"${times[i]}")
   done
   for ((i = 0; i < n; i++)); do
     local med="—" runs="—" cpu="—" rssm="—" size="—" ratio="—" goal=${G_GOAL[i]} verdict="—" note=""
@@ -303,6 +312,9 @@ run_group() {
         ratio=$(awk -v a="$med" -v b="$base_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
       fi
       verdict=$(judge "$goal" "$ratio" "$med" "$rssm")
+      if [[ ${G_BASE[i]} == cand && -n $base2_med ]]; then
+        ratio+=" ($(awk -v a="$med" -v b="$base2_med" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }') vs flushed)"
+      fi
       verdict+=$note
     else
       verdict="**ERROR** (${err[i]})"
@@ -387,9 +399,12 @@ $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s"
 # ---------------------------------------------------------------- parts
 part_qcow2() {
   warm "$IMG"
-  group qcow2 "$IMG"
+  # Runs take ~1 s and page-cache writes are noisy on a VM: at least 5 reps.
+  group qcow2 "$IMG" 2304 $((REPS < 5 ? 5 : REPS))
   variant base "qemu-img" "qemu-img convert -O qcow2 $IMG q-qemu.qcow2" q-qemu.qcow2 "" ""
-  variant ref "qemu-img, flushed (-t writeback)" \
+  # qemu-img's default cache mode for the target (unsafe) never flushes; diskferry fsyncs before
+  # it renames DEST.partial into place. -t writeback makes qemu-img flush too: the fair pairing.
+  variant base2 "qemu-img, flushed (-t writeback)" \
     "qemu-img convert -t writeback -O qcow2 $IMG q-qemu-wb.qcow2" q-qemu-wb.qcow2 "" ""
   variant cand "diskferry, stream (2 reads)" "diskferry convert $IMG -O qcow2 -o /dev/null" "" \
     "check_stream qcow2 $IMG" "ratio<=1.0"
@@ -404,8 +419,10 @@ part_qcow2() {
 
 part_vhdx() {
   warm "$IMG"
-  group vhdx "$IMG"
+  group vhdx "$IMG" 2304 $((REPS < 5 ? 5 : REPS))
   variant base "qemu-img" "qemu-img convert -O vhdx $IMG v-qemu.vhdx" v-qemu.vhdx "" ""
+  variant base2 "qemu-img, flushed (-t writeback)" \
+    "qemu-img convert -t writeback -O vhdx $IMG v-qemu-wb.vhdx" v-qemu-wb.vhdx "" ""
   variant cand "diskferry, stream (2 reads)" "diskferry convert $IMG -O vhdx -o /dev/null" "" \
     "check_stream vhdx $IMG" "ratio<=1.0"
   variant cand "diskferry, file (1 read)" "diskferry convert $IMG -O vhdx -o v-df.vhdx" v-df.vhdx \
@@ -415,7 +432,7 @@ part_vhdx() {
 
 part_compress() {
   warm "$IMG"
-  group compress-zstd "$IMG"
+  group compress-zstd "$IMG" 1536
   variant base "qemu-img -c zstd" \
     "qemu-img convert -c -O qcow2 -o compression_type=zstd $IMG c-qemu-zstd.qcow2" \
     c-qemu-zstd.qcow2 "" ""
@@ -423,7 +440,7 @@ part_compress() {
     "diskferry convert $IMG -O qcow2 --qcow2-compression zstd -o c-df-zstd.qcow2" c-df-zstd.qcow2 \
     "check_image qcow2 $IMG c-df-zstd.qcow2" "ratio<=0.5"
   run_group
-  group compress-zlib "$IMG"
+  group compress-zlib "$IMG" 1536
   variant base "qemu-img -c (zlib)" "qemu-img convert -c -O qcow2 $IMG c-qemu-zlib.qcow2" \
     c-qemu-zlib.qcow2 "" ""
   variant cand "diskferry zlib clusters" \
@@ -435,7 +452,7 @@ part_compress() {
 part_sparse1t() {
   warm "$SPARSE"
   # Runs take ~0.1 s, so noise matters: at least 5 reps.
-  group sparse1t "$SPARSE" $((REPS < 5 ? 5 : REPS))
+  group sparse1t "$SPARSE" 256 $((REPS < 5 ? 5 : REPS))
   variant self "reference: find and read the 100 MiB of data (page cache), timed inside" \
     "read-data --time $SPARSE" "" "" ""
   variant base "qemu-img" "qemu-img convert -O qcow2 $SPARSE s-qemu.qcow2" s-qemu.qcow2 "" ""
@@ -448,7 +465,7 @@ part_sparse1t() {
 
 part_zstd() {
   warm "$IMG"
-  group zstd "$IMG"
+  group zstd "$IMG" 3072
   variant base "qemu-img + zstd -T0 (temp file)" \
     "qemu-img convert -O qcow2 $IMG tmp-pipe.qcow2 && zstd -T0 -q tmp-pipe.qcow2 -o out-pipe.qcow2.zst" \
     "out-pipe.qcow2.zst tmp-pipe.qcow2" "check_pipeline" ""
@@ -482,6 +499,7 @@ machine() {
   [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] && dirty=" (with uncommitted changes)"
   echo "- $(diskferry --version), commit $rev$dirty"
   echo "- REPS=$REPS (median wall time; CPU = median user+system seconds; peak RSS = maximum over the runs)"
+  echo "- MEM_TOUCH=$MEM_TOUCH (1: fresh memory of about the output's size was written and freed right before each run)"
   echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); each timed run first waited for the CPUs" \
     "to be <= ${IDLE_MAX_BUSY}% busy (at most ${IDLE_WAIT}s each, ${IDLE_BUDGET}s in all; ${IDLE_WAITED}s spent)"
 }
@@ -500,7 +518,7 @@ images() {
 }
 
 table() {
-  echo "| part | tool | command | median s | runs s | CPU s | peak RSS MiB | output | ratio | goal | verdict |"
+  echo "| part | tool | command | median s | runs s | CPU s | peak RSS MiB | output | ratio to qemu-img | goal | verdict |"
   echo "|---|---|---|---:|---|---:|---:|---:|---:|---|---|"
   local r
   for r in "${ROWS[@]}"; do

@@ -13,7 +13,9 @@ PACKAGES=(
   doctest-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libssl-dev
   # reference readers and tools the tests and demo use
   qemu-utils libqcow-utils libvhdi-utils zstd gzip xxd python3 e2fsprogs
-  openssh-server openssh-client xfsprogs sqlite3
+  openssh-server openssh-client xfsprogs sqlite3 time util-linux
+  # SFTP servers the integration tests run on 127.0.0.1
+  proftpd-core proftpd-mod-crypto rclone
 )
 
 missing=()
@@ -25,6 +27,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The server packages enable system-wide daemons (ports 21, 22); tests start their own.
+  for s in proftpd ssh; do
+    if [[ -x /etc/init.d/$s ]]; then /etc/init.d/$s stop >/dev/null 2>&1 || true; fi
+    update-rc.d "$s" disable >/dev/null 2>&1 || true
+    if command -v systemctl >/dev/null; then systemctl disable --now "$s" >/dev/null 2>&1 || true; fi
+  done
 fi
 
 build() {
