@@ -4,6 +4,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "transport/sink.hpp"
@@ -28,19 +29,14 @@ class QueuedSink final : public Sink {
   }
 
   void write(Bytes data) override {
-    while (!data.empty()) {
-      if (!current_) current_ = take_free();
-      size_t n = std::min(data.size(), buffer_size_ - current_->size());
-      current_->insert(current_->end(), data.begin(), data.begin() + static_cast<long>(n));
-      data = data.subspan(n);
-      pos_ += n;
-      if (current_->size() == buffer_size_) push_current();
-    }
+    flush_zeros();
+    append(data);
   }
   void write_zeros(uint64_t n) override {
-    // Keep holes possible downstream: zeros travel as a marker, not as bytes.
-    push_current();
-    push(Item{{}, n});
+    // Zeros accumulate; a long run travels as a marker so the destination can leave a hole,
+    // a short one as bytes: a hole per 64 KiB granule costs more syscalls (and fragments the
+    // file more) than it saves.
+    zeros_ += n;
     pos_ += n;
   }
   bool supports_rewrite() const override { return inner_->supports_rewrite(); }
@@ -66,11 +62,36 @@ class QueuedSink final : public Sink {
   uint64_t position() const override { return pos_; }
 
  private:
+  static constexpr uint64_t kMinHole = 256 * 1024;
+
   struct Item {
     std::vector<std::byte> data;
     uint64_t zeros = 0;
   };
 
+  void flush_zeros() {
+    if (zeros_ == 0) return;
+    uint64_t n = std::exchange(zeros_, 0);
+    if (n >= kMinHole) {
+      push_current();
+      push(Item{{}, n});
+      return;
+    }
+    static const std::vector<std::byte> zero_block(kMinHole);
+    pos_ -= n;  // append() counts them again
+    append(Bytes(zero_block.data(), static_cast<size_t>(n)));
+  }
+
+  void append(Bytes data) {
+    while (!data.empty()) {
+      if (!current_) current_ = take_free();
+      size_t n = std::min(data.size(), buffer_size_ - current_->size());
+      current_->insert(current_->end(), data.begin(), data.begin() + static_cast<long>(n));
+      data = data.subspan(n);
+      pos_ += n;
+      if (current_->size() == buffer_size_) push_current();
+    }
+  }
   std::vector<std::byte> take_free_buffer() {
     std::unique_lock lk(mu_);
     cv_.wait(lk, [&] { return !free_.empty() || error_; });
@@ -102,6 +123,7 @@ class QueuedSink final : public Sink {
     cv_.notify_all();
   }
   void drain() {
+    flush_zeros();
     push_current();
     std::unique_lock lk(mu_);
     cv_.wait(lk, [&] { return (queue_.empty() && !busy_) || error_; });
@@ -158,7 +180,7 @@ class QueuedSink final : public Sink {
   std::deque<Item> queue_;
   std::exception_ptr error_;
   bool busy_ = false, stopping_ = false, done_ = false;
-  uint64_t pos_ = 0;
+  uint64_t pos_ = 0, zeros_ = 0;
   std::thread thread_;
 };
 
