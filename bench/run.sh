@@ -7,10 +7,10 @@
 #
 # Environment:
 #   BENCH_DIR   scratch directory for test images and outputs (default /var/tmp/diskferry-bench).
-#               Needs ~14 GB free at peak (test image ~1.7 GB, outputs, the zstd pipeline's temp).
+#               Needs ~10 GB free at peak (test images ~1.8 GB, up to 4 outputs of ~1.9 GB at once).
 #               Keep it on a real filesystem with SEEK_DATA/SEEK_HOLE (ext4, xfs), not tmpfs.
 #   REPS        runs of each command; the median wall time is reported (default 3; the short
-#               parts qcow2, vhdx and sparse1t run at least 5)
+#               parts run more: qcow2 and vhdx at least 7, sparse1t at least 5)
 #   DISKFERRY   diskferry binary (default <repo>/build/bin/diskferry)
 #   QEMU_IMG    qemu-img binary (default qemu-img from PATH)
 #   OUT_DIR     where the Markdown results go (default <repo>/bench/out)
@@ -18,15 +18,12 @@
 #               (other builds/tests running skew wall times; default 60, 0 = don't wait)
 #   IDLE_BUDGET at most this many seconds of such waiting in the whole run (default 240)
 #   IDLE_MAX_BUSY  "idle" means at most this percent of all CPUs busy (default 15)
-#   MEM_TOUCH   1 (default): before each timed run, write and free about an output's size of
-#               memory, so that a VM's free-page reporting balloon cannot make one tool's page
-#               cache writes 5x dearer than another's by luck (see bench/read_data.py); 0: don't
 #
 # Each timed command runs under /usr/bin/time (peak RSS) with its wall time taken from bash's
 # EPOCHREALTIME. Before every timed command: outputs are deleted and `sync` runs (no tool pays for
 # another's writeback), the script waits for the CPUs to be idle (see IDLE_WAIT), the source's
 # data extents are read so that every tool reads it from the page cache (dropping the caches
-# instead is not reliable on a VM), and memory for the output is touched (see MEM_TOUCH).
+# instead is not reliable on a VM).
 # Every diskferry output is checked once per run with `qemu-img compare` (and `qemu-img check`);
 # a mismatch or a failing command fails the benchmark (exit 1) after the table is written.
 set -euo pipefail
@@ -41,7 +38,7 @@ OUT_DIR=${OUT_DIR:-$HERE/out}
 ALL_PARTS=(qcow2 vhdx compress sparse1t zstd)
 
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
   echo "Parts: ${ALL_PARTS[*]}"
 }
 
@@ -169,15 +166,14 @@ info() { sed -n "s/^$2=//p" "$1.info"; }
 # ---------------------------------------------------------------- timing groups
 # A group is one comparison: a baseline command and the commands compared with it, run
 # interleaved (rep 1 of each, rep 2 of each, ...). Rows are collected into ROWS for the table.
-ROWS=()       # "part|label|command|median|runs|cpu|rss_mib|size|ratio|goal|verdict"
+ROWS=()       # "part|label|command|median|min|runs|cpu|rss_mib|size|ratio|goal|verdict"
 FAILURES=()
 DETAILS=()
 
-G_PART="" G_SRC="" G_TOUCH=0 G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
+G_PART="" G_SRC="" G_REPS=$REPS G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=()
 
-# group PART SOURCE TOUCH_MIB [REPS]
-#   TOUCH_MIB: memory made host-backed before each run (see MEM_TOUCH); about the output size.
-group() { G_PART=$1; G_SRC=$2; G_TOUCH=$3; G_REPS=${4:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
+# group PART SOURCE [REPS]
+group() { G_PART=$1; G_SRC=$2; G_REPS=${3:-$REPS}; G_LABEL=() G_CMD=() G_OUT=() G_CHECK=() G_GOAL=() G_BASE=(); }
 
 # variant ROLE LABEL COMMAND OUTPUT CHECK GOAL
 #   ROLE    base (the reference the ratio divides by), cand (ratio computed), ref (no ratio),
@@ -209,11 +205,11 @@ timed() {
 
 # Busy share (percent) of all CPUs over 0.5 s, from /proc/stat.
 cpu_busy() {
-  local c u n s i w q sq st t0 i0 t1 i1
-  read -r c u n s i w q sq st _ </proc/stat
+  local u n s i w q sq st t0 i0 t1 i1
+  read -r _ u n s i w q sq st _ </proc/stat
   t0=$((u + n + s + i + w + q + sq + st)) i0=$((i + w))
   sleep 0.5
-  read -r c u n s i w q sq st _ </proc/stat
+  read -r _ u n s i w q sq st _ </proc/stat
   t1=$((u + n + s + i + w + q + sq + st)) i1=$((i + w))
   echo $(((t1 - t0 - (i1 - i0)) * 100 / (t1 - t0 > 0 ? t1 - t0 : 1)))
 }
@@ -225,7 +221,6 @@ IDLE_WAIT=${IDLE_WAIT:-60}
 IDLE_BUDGET=${IDLE_BUDGET:-240}
 IDLE_MAX_BUSY=${IDLE_MAX_BUSY:-15}
 IDLE_WAITED=0
-MEM_TOUCH=${MEM_TOUCH:-1}
 wait_idle() {
   local start=$SECONDS busy said=0
   RAN_BUSY=0
@@ -261,8 +256,7 @@ run_group() {
       ((RAN_BUSY)) && busy[i]=$((busy[i] + 1))
       # This VM evicts page cache unused for ~30 s (DAMON pageout), so re-read the source's
       # data right before every run: each tool starts with the whole source in the page cache.
-      # Then touch fresh memory so that the output's page cache is host-backed (read_data.py).
-      read_data --touch $((MEM_TOUCH ? G_TOUCH : 0)) "$G_SRC" >/dev/null
+      read_data "$G_SRC" >/dev/null
       log "$G_PART [$r/$G_REPS] ${G_CMD[i]}"
       if timed "${G_CMD[i]}"; then
         # A self-timed command prints "... SECONDS" as its last line: that is its time.
@@ -284,10 +278,11 @@ run_group() {
     [[ ${G_BASE[i]} == base2 && -z ${err[i]} ]] && base2_med=$(median <<<"${times[i]}")
   done
   for ((i = 0; i < n; i++)); do
-    local med="—" runs="—" cpu="—" rssm="—" size="—" ratio="—" goal=${G_GOAL[i]} verdict="—" note=""
+    local med="—" min="—" runs="—" cpu="—" rssm="—" size="—" ratio="—" goal=${G_GOAL[i]} verdict="—" note=""
     ((busy[i])) && note+=" ($((busy[i])) run(s) under other load)"
     if [[ -z ${err[i]} ]]; then
       med=$(median <<<"${times[i]}")
+      min=$(tr ' ' '\n' <<<"${times[i]}" | sed '/^$/d' | sort -g | head -n1)
       cpu=$(median <<<"${cpus[i]}")
       cpu=${cpu%?}
       runs=$(echo "${times[i]}" | xargs | tr ' ' '/')
@@ -320,7 +315,7 @@ run_group() {
       verdict="**ERROR** (${err[i]})"
     fi
     rm_outputs "${G_OUT[i]}"
-    ROWS+=("$G_PART|${G_LABEL[i]}|${G_CMD[i]}|$med|$runs|$cpu|$rssm|$size|$ratio|${goal:-—}|$verdict")
+    ROWS+=("$G_PART|${G_LABEL[i]}|${G_CMD[i]}|$med|$min|$runs|$cpu|$rssm|$size|$ratio|${goal:-—}|$verdict")
   done
 }
 
@@ -399,8 +394,9 @@ $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s"
 # ---------------------------------------------------------------- parts
 part_qcow2() {
   warm "$IMG"
-  # Runs take ~1 s and page-cache writes are noisy on a VM: at least 5 reps.
-  group qcow2 "$IMG" 2304 $((REPS < 5 ? 5 : REPS))
+  # Runs take ~1 s, and writing 1.7 GB into the page cache costs 0.4 s or 2-4 s of system time at
+  # random on this VM (any writer, dd too; see docs/benchmarks.md): at least 7 reps.
+  group qcow2 "$IMG" $((REPS < 7 ? 7 : REPS))
   variant base "qemu-img" "qemu-img convert -O qcow2 $IMG q-qemu.qcow2" q-qemu.qcow2 "" ""
   # qemu-img's default cache mode for the target (unsafe) never flushes; diskferry fsyncs before
   # it renames DEST.partial into place. -t writeback makes qemu-img flush too: the fair pairing.
@@ -410,16 +406,12 @@ part_qcow2() {
     "check_stream qcow2 $IMG" "ratio<=1.0"
   variant cand "diskferry, file (1 read)" "diskferry convert $IMG -O qcow2 -o q-df.qcow2" q-df.qcow2 \
     "check_image qcow2 $IMG q-df.qcow2" "ratio<=1.0"
-  # Diagnostic: the stream layout written into a file through stdout (2 reads, no fsync).
-  variant cand "diskferry, stream to file via stdout (2 reads, no fsync)" \
-    "diskferry convert $IMG -O qcow2 -o - >q-df-stdout.qcow2" q-df-stdout.qcow2 \
-    "check_image qcow2 $IMG q-df-stdout.qcow2" ""
   run_group
 }
 
 part_vhdx() {
   warm "$IMG"
-  group vhdx "$IMG" 2304 $((REPS < 5 ? 5 : REPS))
+  group vhdx "$IMG" $((REPS < 7 ? 7 : REPS))
   variant base "qemu-img" "qemu-img convert -O vhdx $IMG v-qemu.vhdx" v-qemu.vhdx "" ""
   variant base2 "qemu-img, flushed (-t writeback)" \
     "qemu-img convert -t writeback -O vhdx $IMG v-qemu-wb.vhdx" v-qemu-wb.vhdx "" ""
@@ -432,7 +424,7 @@ part_vhdx() {
 
 part_compress() {
   warm "$IMG"
-  group compress-zstd "$IMG" 1536
+  group compress-zstd "$IMG"
   variant base "qemu-img -c zstd" \
     "qemu-img convert -c -O qcow2 -o compression_type=zstd $IMG c-qemu-zstd.qcow2" \
     c-qemu-zstd.qcow2 "" ""
@@ -440,7 +432,7 @@ part_compress() {
     "diskferry convert $IMG -O qcow2 --qcow2-compression zstd -o c-df-zstd.qcow2" c-df-zstd.qcow2 \
     "check_image qcow2 $IMG c-df-zstd.qcow2" "ratio<=0.5"
   run_group
-  group compress-zlib "$IMG" 1536
+  group compress-zlib "$IMG"
   variant base "qemu-img -c (zlib)" "qemu-img convert -c -O qcow2 $IMG c-qemu-zlib.qcow2" \
     c-qemu-zlib.qcow2 "" ""
   variant cand "diskferry zlib clusters" \
@@ -452,7 +444,7 @@ part_compress() {
 part_sparse1t() {
   warm "$SPARSE"
   # Runs take ~0.1 s, so noise matters: at least 5 reps.
-  group sparse1t "$SPARSE" 256 $((REPS < 5 ? 5 : REPS))
+  group sparse1t "$SPARSE" $((REPS < 5 ? 5 : REPS))
   variant self "reference: find and read the 100 MiB of data (page cache), timed inside" \
     "read-data --time $SPARSE" "" "" ""
   variant base "qemu-img" "qemu-img convert -O qcow2 $SPARSE s-qemu.qcow2" s-qemu.qcow2 "" ""
@@ -465,7 +457,7 @@ part_sparse1t() {
 
 part_zstd() {
   warm "$IMG"
-  group zstd "$IMG" 3072
+  group zstd "$IMG"
   variant base "qemu-img + zstd -T0 (temp file)" \
     "qemu-img convert -O qcow2 $IMG tmp-pipe.qcow2 && zstd -T0 -q tmp-pipe.qcow2 -o out-pipe.qcow2.zst" \
     "out-pipe.qcow2.zst tmp-pipe.qcow2" "check_pipeline" ""
@@ -490,16 +482,18 @@ for p in "${PARTS[@]}"; do "part_$p"; done
 machine() {
   echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
   echo "- RAM: $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  # shellcheck disable=SC1091
   echo "- Kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
   echo "- BENCH_DIR: $BENCH_DIR on $(findmnt -n -o FSTYPE,SOURCE -T "$BENCH_DIR" | xargs)"
   echo "- $("$QEMU_IMG" --version | head -n1)"
   echo "- zstd $(zstd --version | grep -o 'v[0-9.]*' | head -n1)"
   local rev dirty=""
   rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-  [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] && dirty=" (with uncommitted changes)"
+  # Only the code that goes into the binary counts (bench/ and docs/ do not).
+  [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- lib cli CMakeLists.txt 2>/dev/null) ]] &&
+    dirty=" (with uncommitted changes in lib/ or cli/)"
   echo "- $(diskferry --version), commit $rev$dirty"
   echo "- REPS=$REPS (median wall time; CPU = median user+system seconds; peak RSS = maximum over the runs)"
-  echo "- MEM_TOUCH=$MEM_TOUCH (1: fresh memory of about the output's size was written and freed right before each run)"
   echo "- Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg); each timed run first waited for the CPUs" \
     "to be <= ${IDLE_MAX_BUSY}% busy (at most ${IDLE_WAIT}s each, ${IDLE_BUDGET}s in all; ${IDLE_WAITED}s spent)"
 }
@@ -518,13 +512,13 @@ images() {
 }
 
 table() {
-  echo "| part | tool | command | median s | runs s | CPU s | peak RSS MiB | output | ratio to qemu-img | goal | verdict |"
-  echo "|---|---|---|---:|---|---:|---:|---:|---:|---|---|"
+  echo "| part | tool | command | median s | min s | runs s | CPU s | peak RSS MiB | output | ratio to qemu-img | goal | verdict |"
+  echo "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---|"
   local r
   for r in "${ROWS[@]}"; do
-    IFS='|' read -r part label cmd med runs cpu rss size ratio goal verdict <<<"$r"
+    IFS='|' read -r part label cmd med min runs cpu rss size ratio goal verdict <<<"$r"
     cmd=${cmd//|/\\|}
-    echo "| $part | $label | \`$cmd\` | $med | $runs | $cpu | $rss | $size | $ratio | $goal | $verdict |"
+    echo "| $part | $label | \`$cmd\` | $med | $min | $runs | $cpu | $rss | $size | $ratio | $goal | $verdict |"
   done
 }
 
