@@ -8,11 +8,11 @@ namespace diskferry::sftp {
 
 Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
     : session_(session), ch_(ssh_channel_new(session.get())), stall_(stall_timeout) {
-  if (!ch_) throw Error(ErrorKind::Internal, "libssh: ssh_channel_new failed");
-  if (ssh_channel_open_session(ch_) != SSH_OK)
+  if (!ch_.get()) throw Error(ErrorKind::Internal, "libssh: ssh_channel_new failed");
+  if (ssh_channel_open_session(ch_.get()) != SSH_OK)
     throw DisconnectedError(
         fmt::format("{}: cannot open a channel: {}", where(), ssh_get_error(session_.get())));
-  if (ssh_channel_request_subsystem(ch_, "sftp") != SSH_OK)
+  if (ssh_channel_request_subsystem(ch_.get(), "sftp") != SSH_OK)
     throw ConnectError(ConnectFailure::Protocol,
                        fmt::format("{}: the server refused the sftp subsystem: {}", where(),
                                    ssh_get_error(session_.get())));
@@ -43,18 +43,16 @@ Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
   }
 }
 
-Channel::~Channel() {
-  if (ch_) {
-    ssh_channel_close(ch_);
-    ssh_channel_free(ch_);
-  }
+void Channel::Free::operator()(ssh_channel_struct* c) const {
+  ssh_channel_close(c);
+  ssh_channel_free(c);
 }
 
 void Channel::send(const std::vector<std::byte>& packet) {
   size_t done = 0;
   while (done < packet.size()) {
-    int n =
-        ssh_channel_write(ch_, packet.data() + done, static_cast<uint32_t>(packet.size() - done));
+    int n = ssh_channel_write(ch_.get(), packet.data() + done,
+                              static_cast<uint32_t>(packet.size() - done));
     if (n == SSH_ERROR)
       throw DisconnectedError(fmt::format("{}: connection lost while sending: {}", where(),
                                           ssh_get_error(session_.get())));
@@ -67,7 +65,7 @@ Reply Channel::receive() {
   auto deadline = std::chrono::steady_clock::now() + stall_;
   for (;;) {
     if (auto body = framer_.next()) return parse_reply(*body);
-    int n = ssh_channel_read_timeout(ch_, buf.data(), buf.size(), 0, 1000);
+    int n = ssh_channel_read_timeout(ch_.get(), buf.data(), buf.size(), 0, 1000);
     if (n == SSH_ERROR)
       throw DisconnectedError(
           fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
@@ -76,7 +74,7 @@ Reply Channel::receive() {
       deadline = std::chrono::steady_clock::now() + stall_;
       continue;
     }
-    if (ssh_channel_is_eof(ch_) || ssh_channel_is_closed(ch_))
+    if (ssh_channel_is_eof(ch_.get()) || ssh_channel_is_closed(ch_.get()))
       throw DisconnectedError(fmt::format("{}: the server closed the SFTP channel", where()));
     if (std::chrono::steady_clock::now() > deadline)
       throw DisconnectedError(

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -42,7 +43,6 @@ struct StatVfs {
 class Channel {
  public:
   Channel(SshSession& session, std::chrono::seconds stall_timeout);
-  ~Channel();
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
@@ -81,7 +81,10 @@ class Channel {
   Reply request(PacketWriter& w, uint32_t id);
 
   SshSession& session_;
-  ssh_channel_struct* ch_ = nullptr;
+  struct Free {
+    void operator()(ssh_channel_struct* c) const;
+  };
+  std::unique_ptr<ssh_channel_struct, Free> ch_;  // freed even when the constructor throws
   std::chrono::seconds stall_;
   PacketFramer framer_;
   std::map<uint32_t, Reply> early_;

@@ -50,69 +50,68 @@ void check_private_key_permissions(const std::string& path) {
                             path, st.st_mode & 07777, path));
 }
 
+void SshSession::Free::operator()(ssh_session_struct* s) const {
+  ssh_disconnect(s);
+  ssh_free(s);
+}
+
 SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
-  if (!s_) throw Error(ErrorKind::Internal, "libssh: ssh_new failed");
+  if (!s_.get()) throw Error(ErrorKind::Internal, "libssh: ssh_new failed");
   // Only the config file we name is read: a daemon must not depend on whose HOME it runs with.
   int no = 0, yes = 1;
-  ssh_options_set(s_, SSH_OPTIONS_PROCESS_CONFIG, &no);
-  ssh_options_set(s_, SSH_OPTIONS_HOST, url.host.c_str());
+  ssh_options_set(s_.get(), SSH_OPTIONS_PROCESS_CONFIG, &no);
+  ssh_options_set(s_.get(), SSH_OPTIONS_HOST, url.host.c_str());
   std::string config = expand_home(o.ssh_config.value_or("~/.ssh/config"));
-  if (::access(config.c_str(), R_OK) == 0 && ssh_options_parse_config(s_, config.c_str()) != 0)
+  if (::access(config.c_str(), R_OK) == 0 &&
+      ssh_options_parse_config(s_.get(), config.c_str()) != 0)
     throw Error(ErrorKind::Usage, fmt::format("{}: cannot parse ssh config", config));
-  if (url.user) ssh_options_set(s_, SSH_OPTIONS_USER, url.user->c_str());
+  if (url.user) ssh_options_set(s_.get(), SSH_OPTIONS_USER, url.user->c_str());
   if (url.port) {
     unsigned int port = static_cast<unsigned>(*url.port);
-    ssh_options_set(s_, SSH_OPTIONS_PORT, &port);
+    ssh_options_set(s_.get(), SSH_OPTIONS_PORT, &port);
   }
   known_hosts_ = expand_home(o.known_hosts.value_or("~/.ssh/known_hosts"));
-  ssh_options_set(s_, SSH_OPTIONS_KNOWNHOSTS, known_hosts_.c_str());
+  ssh_options_set(s_.get(), SSH_OPTIONS_KNOWNHOSTS, known_hosts_.c_str());
   // Request/response traffic stalls on Nagle + delayed ACK without this.
-  ssh_options_set(s_, SSH_OPTIONS_NODELAY, &yes);
+  ssh_options_set(s_.get(), SSH_OPTIONS_NODELAY, &yes);
   long timeout = static_cast<long>(o.timeout.count());
-  ssh_options_set(s_, SSH_OPTIONS_TIMEOUT, &timeout);
+  ssh_options_set(s_.get(), SSH_OPTIONS_TIMEOUT, &timeout);
   // AES-GCM is the fastest authenticated cipher where the CPU has AES instructions;
   // chacha20-poly1305 where it has not.
   const char* ciphers = cpu_has_aes() ? "aes128-gcm@openssh.com,aes256-gcm@openssh.com,"
                                         "chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
                                       : "chacha20-poly1305@openssh.com,aes128-gcm@openssh.com,"
                                         "aes256-gcm@openssh.com,aes128-ctr,aes256-ctr";
-  ssh_options_set(s_, SSH_OPTIONS_CIPHERS_C_S, ciphers);
-  ssh_options_set(s_, SSH_OPTIONS_CIPHERS_S_C, ciphers);
+  ssh_options_set(s_.get(), SSH_OPTIONS_CIPHERS_C_S, ciphers);
+  ssh_options_set(s_.get(), SSH_OPTIONS_CIPHERS_S_C, ciphers);
 
   char* user = nullptr;
-  ssh_options_get(s_, SSH_OPTIONS_USER, &user);
+  ssh_options_get(s_.get(), SSH_OPTIONS_USER, &user);
   unsigned int port = 22;
-  ssh_options_get_port(s_, &port);
+  ssh_options_get_port(s_.get(), &port);
   char* host = nullptr;
-  ssh_options_get(s_, SSH_OPTIONS_HOST, &host);
+  ssh_options_get(s_.get(), SSH_OPTIONS_HOST, &host);
   where_ = fmt::format("{}@{}:{}", user ? user : "?", host ? host : url.host, port);
   ssh_string_free_char(user);
   ssh_string_free_char(host);
 
-  if (ssh_connect(s_) != SSH_OK)
+  if (ssh_connect(s_.get()) != SSH_OK)
     throw ConnectError(ConnectFailure::Unreachable,
-                       fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_)));
-  int fd = ssh_get_fd(s_);
+                       fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_.get())));
+  int fd = ssh_get_fd(s_.get());
   if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &yes, sizeof yes);
   verify_host_key(o);
   authenticate(o);
 }
 
-SshSession::~SshSession() {
-  if (s_) {
-    ssh_disconnect(s_);
-    ssh_free(s_);
-  }
-}
-
 std::string SshSession::cipher() const {
-  const char* c = ssh_get_cipher_out(s_);
+  const char* c = ssh_get_cipher_out(s_.get());
   return c ? c : "?";
 }
 
 void SshSession::verify_host_key(const SshOptions& o) {
   ssh_key raw = nullptr;
-  if (ssh_get_server_publickey(s_, &raw) != SSH_OK)
+  if (ssh_get_server_publickey(s_.get(), &raw) != SSH_OK)
     throw ConnectError(ConnectFailure::Protocol,
                        fmt::format("{}: server sent no host key", where_));
   Key key(raw);
@@ -126,7 +125,7 @@ void SshSession::verify_host_key(const SshOptions& o) {
   ssh_string_free_char(fp);
   std::string type = ssh_key_type_to_char(ssh_key_type(key.get()));
 
-  switch (ssh_session_is_known_server(s_)) {
+  switch (ssh_session_is_known_server(s_.get())) {
     case SSH_KNOWN_HOSTS_OK:
       return;
     case SSH_KNOWN_HOSTS_CHANGED:
@@ -143,9 +142,9 @@ void SshSession::verify_host_key(const SshOptions& o) {
     case SSH_KNOWN_HOSTS_UNKNOWN:
     case SSH_KNOWN_HOSTS_NOT_FOUND:
       if (o.accept_new_host_key) {
-        if (ssh_session_update_known_hosts(s_) != SSH_OK)
+        if (ssh_session_update_known_hosts(s_.get()) != SSH_OK)
           throw Error(ErrorKind::Output, fmt::format("{}: cannot add host key to {}: {}", where_,
-                                                     known_hosts_, ssh_get_error(s_)));
+                                                     known_hosts_, ssh_get_error(s_.get())));
         return;
       }
       throw ConnectError(
@@ -156,9 +155,9 @@ void SshSession::verify_host_key(const SshOptions& o) {
     case SSH_KNOWN_HOSTS_ERROR:
       break;
   }
-  throw ConnectError(
-      ConnectFailure::Protocol,
-      fmt::format("{}: cannot check host key in {}: {}", where_, known_hosts_, ssh_get_error(s_)));
+  throw ConnectError(ConnectFailure::Protocol,
+                     fmt::format("{}: cannot check host key in {}: {}", where_, known_hosts_,
+                                 ssh_get_error(s_.get())));
 }
 
 void SshSession::authenticate(const SshOptions& o) {
@@ -172,15 +171,15 @@ void SshSession::authenticate(const SshOptions& o) {
                               "ssh-agent)",
                               *o.identity));
     Key key(raw);
-    rc = ssh_userauth_publickey(s_, nullptr, key.get());
+    rc = ssh_userauth_publickey(s_.get(), nullptr, key.get());
   } else {
     // ssh-agent, then IdentityFile from the config and the default ~/.ssh/id_* keys.
-    rc = ssh_userauth_publickey_auto(s_, nullptr, nullptr);
+    rc = ssh_userauth_publickey_auto(s_.get(), nullptr, nullptr);
   }
   if (rc == SSH_AUTH_SUCCESS) return;
   if (rc == SSH_AUTH_ERROR)
-    throw ConnectError(ConnectFailure::Unreachable,
-                       fmt::format("{}: authentication failed: {}", where_, ssh_get_error(s_)));
+    throw ConnectError(ConnectFailure::Unreachable, fmt::format("{}: authentication failed: {}",
+                                                                where_, ssh_get_error(s_.get())));
   throw ConnectError(ConnectFailure::AuthRefused,
                      fmt::format("{}: authentication refused for {} (is its public key in the "
                                  "server's authorized keys?)",

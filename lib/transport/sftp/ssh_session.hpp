@@ -2,6 +2,7 @@
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -38,11 +39,10 @@ class SshSession {
  public:
   // Connects, verifies the host key and authenticates; throws ConnectError or Error(Usage).
   SshSession(const Url& url, const SshOptions& options);
-  ~SshSession();
   SshSession(const SshSession&) = delete;
   SshSession& operator=(const SshSession&) = delete;
 
-  ssh_session_struct* get() const { return s_; }
+  ssh_session_struct* get() const { return s_.get(); }
   const std::string& where() const { return where_; }  // user@host:port, for messages
   const std::string& fingerprint() const { return fingerprint_; }
   std::string cipher() const;
@@ -51,7 +51,11 @@ class SshSession {
   void verify_host_key(const SshOptions& o);
   void authenticate(const SshOptions& o);
 
-  ssh_session_struct* s_ = nullptr;
+  struct Free {
+    void operator()(ssh_session_struct* s) const;
+  };
+  // Owned from the first line of the constructor, so a refused connection frees it too.
+  std::unique_ptr<ssh_session_struct, Free> s_;
   std::string where_, fingerprint_, known_hosts_;
 };
 

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""`diskferry convert -o sftp://...` against real servers on 127.0.0.1 (OpenSSH internal-sftp
+chroot, ProFTPD mod_sftp), judged by qemu-img on the server-side file.
+
+Run: test_sftp.py PATH/TO/diskferry
+"""
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sftp_servers import OpenSSHServer, ProFTPDServer, client_keypair  # noqa: E402
+
+DF = None
+MiB = 1024 * 1024
+
+
+def make_source(path):
+    r = random.Random(7)
+    with open(path, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(0)
+        f.write(b"diskferry " * 300000)
+        f.seek(40 * MiB + 5)
+        f.write(r.randbytes(2 * MiB))
+
+
+def run(*args, **kw):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
+
+
+class SftpUpload:
+    SERVER = None
+
+    @classmethod
+    def setUpClass(cls):
+        reason = cls.SERVER.unavailable_reason()
+        if reason:
+            raise unittest.SkipTest(reason)
+        cls.dir = tempfile.mkdtemp(prefix="df-sftp-", dir="/var/tmp")
+        cls.src = os.path.join(cls.dir, "src.img")
+        make_source(cls.src)
+        cls.server = cls.SERVER()
+        cls.server.start()
+        cls.kh = os.path.join(cls.dir, "known_hosts")
+        cls.server.write_known_hosts(cls.kh)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def convert(self, remote, *args, known_hosts=None, identity=None):
+        return run(DF, "convert", self.src, *args, "--identity", identity or self.server.client_key,
+                   "--known-hosts", known_hosts or self.kh, "--no-progress", "-o",
+                   self.server.url(remote))
+
+    def test_formats_round_trip(self):
+        for fmt, extra in (("qcow2", []), ("qcow2", ["--qcow2-compression", "zlib"]),
+                           ("vhdx", []), ("raw", [])):
+            with self.subTest(fmt=fmt, extra=extra):
+                remote = f"backups/vm/{fmt}.img"  # parent directory created on the way
+                p = self.convert(remote, "-O", fmt, *extra)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                out = self.server.local_path("/" + remote)
+                self.assertFalse(os.path.exists(out + ".partial"))
+                c = run("qemu-img", "compare", "-f", "raw", "-F", fmt, self.src, out)
+                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+                # Same bytes as a local conversion: the stream is deterministic.
+                local = os.path.join(self.dir, "local." + fmt)
+                self.assertEqual(run(DF, "convert", self.src, "-O", fmt, *extra, "-o",
+                                     local).returncode, 0)
+                self.assertEqual(run("cmp", local, out).returncode, 0)
+
+    def test_outer_compression(self):
+        remote = "backups/vm.qcow2.zst"
+        p = self.convert(remote, "-O", "qcow2", "--compress", "zstd")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        local = os.path.join(self.dir, "vm.qcow2.zst")
+        run(DF, "convert", self.src, "-O", "qcow2", "--compress", "zstd", "-o", local)
+        self.assertEqual(run("cmp", local, self.server.local_path("/" + remote)).returncode, 0)
+
+    def assert_refused(self, p, *words):
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+        for w in words:
+            self.assertIn(w, p.stderr)
+
+    def test_unknown_host_key_refused(self):
+        empty = os.path.join(self.dir, "empty_known_hosts")
+        open(empty, "w").close()
+        p = self.convert("backups/never.qcow2", "-O", "qcow2", known_hosts=empty)
+        self.assert_refused(p, "unknown host key", self.server.host_key_fingerprint(),
+                            "--accept-new-host-key")
+        self.assertFalse(os.path.exists(self.server.local_path("/backups/never.qcow2.partial")))
+        # accept-new records it, then a strict run succeeds.
+        p = run(DF, "convert", self.src, "-O", "raw", "--identity", self.server.client_key,
+                "--known-hosts", empty, "--accept-new-host-key", "-o",
+                self.server.url("backups/accepted.raw"))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = self.convert("backups/accepted2.raw", "-O", "raw", known_hosts=empty)
+        self.assertEqual(p.returncode, 0, p.stderr)
+
+    def test_changed_host_key_refused(self):
+        other = os.path.join(self.dir, "other_known_hosts")
+        with open(self.kh) as f:
+            line = f.read().split()
+        # The server's name with some other key of a type it offers: what a MITM would present.
+        _, impostor_pub = client_keypair(self.dir, line[1].replace("ssh-", ""), name="impostor")
+        with open(impostor_pub) as f:
+            pub = f.read().split()
+        with open(other, "w") as f:
+            f.write(f"{line[0]} {pub[0]} {pub[1]}\n")
+        p = self.convert("backups/never2.qcow2", "-O", "qcow2", known_hosts=other)
+        self.assert_refused(p, "HOST KEY CHANGED")
+
+    def test_wrong_client_key_refused(self):
+        priv, _ = client_keypair(self.dir, "ed25519", name="stranger")
+        p = self.convert("backups/never3.qcow2", "-O", "qcow2", identity=priv)
+        self.assert_refused(p, "authentication refused")
+
+    def test_private_key_readable_by_others_refused(self):
+        loose = os.path.join(self.dir, "loose_key")
+        shutil.copy(self.server.client_key, loose)
+        os.chmod(loose, 0o644)
+        p = self.convert("backups/never4.qcow2", "-O", "qcow2", identity=loose)
+        self.assert_refused(p, "chmod 600")
+
+    def test_permission_denied_outside_writable_dir(self):
+        p = self.convert("not-writable.qcow2", "-O", "qcow2")
+        self.assert_refused(p, "permission denied")
+
+
+class OpenSSH(SftpUpload, unittest.TestCase):
+    SERVER = OpenSSHServer
+
+
+class ProFTPD(SftpUpload, unittest.TestCase):
+    SERVER = ProFTPDServer
+
+
+class BadUrls(unittest.TestCase):
+    def test_malformed_urls(self):
+        for url, why in (("sftp://host", "no path"), ("sftp://u@:22/x", "empty host"),
+                         ("sftp://u@h:99999/x", "port"), ("sftp://u:pw@h/x", "passwords")):
+            with self.subTest(url):
+                p = run(DF, "convert", "/dev/null", "-O", "raw", "-o", url)
+                self.assertNotEqual(p.returncode, 0)
+                self.assertIn(why, p.stderr)
+                self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+
+
+if __name__ == "__main__":
+    DF = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=1)
