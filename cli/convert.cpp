@@ -8,7 +8,7 @@
 #include "commands.hpp"
 #include "image/layout.hpp"
 #include "pipeline/convert.hpp"
-#include "transport/sftp/sftp_sink.hpp"
+#include "remote_args.hpp"
 #include "util/error.hpp"
 #include "util/size.hpp"
 
@@ -92,39 +92,6 @@ struct ImageArgs {
 };
 
 }  // namespace
-
-// Options for sftp:// destinations.
-struct RemoteArgs {
-  std::string identity, known_hosts, ssh_config;
-  bool accept_new = false;
-  int stall_timeout = 60;
-
-  void add(CLI::App& c) {
-    c.add_option("--identity", identity,
-                 "SSH private key for sftp:// (must not be readable by group/others); default: "
-                 "ssh-agent, then ~/.ssh/id_*");
-    c.add_option("--known-hosts", known_hosts, "known_hosts file (default ~/.ssh/known_hosts)");
-    c.add_flag("--accept-new-host-key", accept_new,
-               "Trust and record the host key of a server not yet in known_hosts (like "
-               "StrictHostKeyChecking=accept-new). A changed key is always refused");
-    c.add_option("--ssh-config", ssh_config,
-                 "ssh config file for Host aliases (default ~/.ssh/config)");
-    c.add_option("--stall-timeout", stall_timeout,
-                 "Seconds without progress before the connection counts as dropped (default 60)");
-  }
-
-  std::unique_ptr<Sink> open(const std::string& dest) const {
-    if (!sftp::is_sftp_url(dest)) return open_file_sink(dest);
-    sftp::SinkOptions o;
-    if (!identity.empty()) o.ssh.identity = identity;
-    if (!known_hosts.empty()) o.ssh.known_hosts = known_hosts;
-    if (!ssh_config.empty()) o.ssh.ssh_config = ssh_config;
-    o.ssh.accept_new_host_key = accept_new;
-    if (stall_timeout < 1) throw Error(ErrorKind::Usage, "--stall-timeout: at least 1 second");
-    o.stall_timeout = std::chrono::seconds(stall_timeout);
-    return sftp::open_sftp_sink(sftp::parse_url(dest), o);
-  }
-};
 
 Run add_convert(CLI::App& app) {
   auto args = std::make_shared<ImageArgs>();
