@@ -123,12 +123,15 @@ Run add_convert(CLI::App& app) {
   return [args, remote, dest]() {
     ConvertOptions o = args->options();
     auto src = args->open();
-    auto sink = remote->open(*dest);
-    auto r = convert(*src, std::move(sink), o);
+    remote->apply_retries(o);
+    o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
+    auto d = remote->open(*dest);
+    auto r = convert(*src, *d, o);
     if (o.progress)
-      fmt::print(stderr, "wrote {} {} ({} virtual) to {}\n", format_name(o.writer.format),
+      fmt::print(stderr, "wrote {} {} ({} virtual) to {}{}\n", format_name(o.writer.format),
                  format_size(r.output_bytes), format_size(r.virtual_size),
-                 *dest == "-" ? "stdout" : *dest);
+                 *dest == "-" ? "stdout" : *dest,
+                 r.sha256.empty() ? "" : fmt::format(", sha256 {}", r.sha256));
     return 0;
   };
 }

@@ -5,8 +5,9 @@
 #include <memory>
 #include <string>
 
+#include "pipeline/convert.hpp"
+#include "transport/destination.hpp"
 #include "transport/sftp/sftp_sink.hpp"
-#include "transport/sink.hpp"
 #include "util/error.hpp"
 
 namespace diskferry::cli {
@@ -16,6 +17,9 @@ struct RemoteArgs {
   std::string identity, known_hosts, ssh_config;
   bool accept_new = false;
   int stall_timeout = 60;
+  int retries = 5;
+  double retry_delay = 2;
+  int streams = 4;
 
   void add(CLI::App& c) {
     c.add_option("--identity", identity,
@@ -29,6 +33,15 @@ struct RemoteArgs {
                  "ssh config file for Host aliases (default ~/.ssh/config)");
     c.add_option("--stall-timeout", stall_timeout,
                  "Seconds without progress before the connection counts as dropped (default 60)");
+    c.add_option("--retries", retries,
+                 "Reconnect and resume this many times after a dropped connection, waiting 2 s, "
+                 "4 s, ... up to 60 s between attempts (default 5; 0: fail at the first drop)");
+    c.add_option("--retry-delay", retry_delay,
+                 "Seconds to wait before the first retry; each further wait doubles, up to 60 "
+                 "(default 2)");
+    c.add_option("--streams", streams,
+                 "SFTP channels one upload is spread over, on one SSH connection (default 4, "
+                 "1-16): more help on long round trips");
   }
 
   sftp::SinkOptions sink_options() const {
@@ -39,12 +52,25 @@ struct RemoteArgs {
     o.ssh.accept_new_host_key = accept_new;
     if (stall_timeout < 1) throw Error(ErrorKind::Usage, "--stall-timeout: at least 1 second");
     o.stall_timeout = std::chrono::seconds(stall_timeout);
+    if (streams < 1 || streams > 16) throw Error(ErrorKind::Usage, "--streams: expected 1 to 16");
+    o.streams = streams;
     return o;
   }
 
-  std::unique_ptr<Sink> open(const std::string& dest) const {
-    if (!sftp::is_sftp_url(dest)) return open_file_sink(dest);
-    return sftp::open_sftp_sink(sftp::parse_url(dest), sink_options());
+  // --retries and --retry-delay into the conversion's retry policy.
+  void apply_retries(ConvertOptions& o) const {
+    if (retries < 0 || retries > 1000)
+      throw Error(ErrorKind::Usage, "--retries: expected a number from 0 to 1000");
+    if (!(retry_delay >= 0 && retry_delay <= 3600))
+      throw Error(ErrorKind::Usage, "--retry-delay: expected 0 to 3600 seconds");
+    o.retries = retries;
+    o.retry_delay = std::chrono::milliseconds(static_cast<int64_t>(retry_delay * 1000));
+    o.max_retry_delay = std::max(o.retry_delay, o.max_retry_delay);
+  }
+
+  std::unique_ptr<Destination> open(const std::string& dest) const {
+    if (!sftp::is_sftp_url(dest)) return make_single_destination(dest, open_file_sink(dest));
+    return sftp::open_sftp_destination(sftp::parse_url(dest), sink_options());
   }
 };
 

@@ -1,10 +1,13 @@
 #include "pipeline/convert.hpp"
 
 #include <fmt/format.h>
+#include <thread>
 #include <vector>
 
+#include "pipeline/checksum.hpp"
 #include "pipeline/progress.hpp"
 #include "util/error.hpp"
+#include "util/size.hpp"
 
 namespace diskferry {
 namespace {
@@ -40,12 +43,20 @@ uint64_t run_pass(Source& source, uint32_t unit, Progress& progress, Fn&& fn) {
   return pass->size();
 }
 
-}  // namespace
+bool use_single_pass(const FormatWriter& writer, const Source& source, const Destination& dest,
+                     Sink& sink, const ConvertOptions& o) {
+  if (!writer.needs_header_fixup()) return true;
+  bool rewrite_ok = sink.supports_rewrite() && o.compress.codec == StreamCodec::None;
+  if (!rewrite_ok) return false;
+  // A planned layout lets the checksum be computed as the bytes go out and never writes out of
+  // order; where the destination prefers that, the second read of the source is worth it.
+  return !(dest.prefers_planned() && source.rereadable());
+}
 
-ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertOptions& o) {
+ConvertResult convert_once(Source& source, Destination& dest, const ConvertOptions& o) {
   auto writer = make_writer(o.writer);
-  bool rewrite_ok = dest->supports_rewrite() && o.compress.codec == StreamCodec::None;
-  bool single = !writer->needs_header_fixup() || rewrite_ok;
+  std::unique_ptr<Sink> raw = dest.open_attempt();
+  bool single = use_single_pass(*writer, source, dest, *raw, o);
   std::string fmt_name = format_name(o.writer.format);
   if (!single && !source.rereadable())
     throw Error(ErrorKind::Usage,
@@ -59,7 +70,9 @@ ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertO
 
   ConvertResult r;
   r.single_pass = single;
-  auto queued = make_queued_sink(std::move(dest));
+  if (o.wrap_destination) raw = o.wrap_destination(std::move(raw));
+  if (dest.wants_sha256()) raw = make_sha256_sink(std::move(raw), &r.sha256);
+  auto queued = make_queued_sink(std::move(raw));
   Sink* out = queued.get();
   auto counted = std::make_unique<CountingFilter>(
       make_compressing_sink(o.compress, std::move(queued), o.threads));
@@ -70,6 +83,7 @@ ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertO
     uint64_t size =
         run_pass(source, writer->unit(), p, [&](uint64_t off, Bytes d) { writer->plan(off, d); });
     writer->end_plan(size);
+    if (o.compress.codec == StreamCodec::None) sink.expect_size(writer->planned_size());
   }
   Progress p(o.progress, single ? "converting" : "writing", source.input_bytes());
   writer->begin(sink, !single);
@@ -81,6 +95,45 @@ ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertO
   sink.commit();
   r.output_bytes = out->position();
   return r;
+}
+
+}  // namespace
+
+ConvertResult convert(Source& source, Destination& dest, const ConvertOptions& o) {
+  auto delay = o.retry_delay;
+  for (int attempt = 1;; ++attempt) {
+    try {
+      ConvertResult r = convert_once(source, dest, o);
+      r.attempts = attempt;
+      r.resent_bytes = dest.resent_bytes();
+      return r;
+    } catch (const Error& e) {
+      if (!e.transient() || !dest.resumable()) throw;
+      if (!source.rereadable()) {
+        dest.give_up();
+        throw Error(e.kind(),
+                    fmt::format("{}; cannot resume: {} cannot be read a second time "
+                                "(give a file instead of a pipe to make uploads resumable)",
+                                e.what(), source.name()));
+      }
+      if (attempt > o.retries) {
+        dest.give_up();
+        throw Error(e.kind(), fmt::format("{} (gave up after {} attempt{})", e.what(), attempt,
+                                          attempt == 1 ? "" : "s"));
+      }
+      if (o.on_retry)
+        o.on_retry(fmt::format("{}; retrying in {:g} s (attempt {} of {}), resuming at {}",
+                               e.what(), std::chrono::duration<double>(delay).count(), attempt + 1,
+                               o.retries + 1, format_size(dest.resume_offset())));
+      std::this_thread::sleep_for(delay);
+      delay = std::min(delay * 2, o.max_retry_delay);
+    }
+  }
+}
+
+ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertOptions& o) {
+  auto d = make_single_destination("output", std::move(dest));
+  return convert(source, *d, o);
 }
 
 ConvertResult measure(Source& source, const ConvertOptions& o) {

@@ -20,6 +20,12 @@ class Sink {
   // the only backward movement allowed, and what lets qcow2/VHDX be written in a single pass.
   virtual bool supports_rewrite() const { return false; }
   virtual void rewrite(uint64_t offset, Bytes data);
+  // The exact number of bytes that will be written, when known before writing (planned layout,
+  // no outer compression). Lets a destination refuse early when it cannot hold them.
+  virtual void expect_size(uint64_t) {}
+  // The SHA-256 (hex) of everything written, given just before commit() to destinations that
+  // publish a checksum next to the file.
+  virtual void set_sha256(const std::string&) {}
   // Makes the output final: flush, sync, publish under the final name.
   virtual void commit() = 0;
   // Drops partial output (no file is left under the final name). Must not throw.
@@ -36,6 +42,8 @@ class FilterSink : public Sink {
   void write_zeros(uint64_t n) override { inner_->write_zeros(n); }
   bool supports_rewrite() const override { return inner_->supports_rewrite(); }
   void rewrite(uint64_t offset, Bytes data) override { inner_->rewrite(offset, data); }
+  void expect_size(uint64_t n) override { inner_->expect_size(n); }
+  void set_sha256(const std::string& hex) override { inner_->set_sha256(hex); }
   void commit() override { inner_->commit(); }
   void abort() noexcept override { inner_->abort(); }
   uint64_t position() const override { return inner_->position(); }

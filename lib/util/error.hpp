@@ -20,6 +20,9 @@ class Error : public std::runtime_error {
  public:
   Error(ErrorKind kind, const std::string& message) : std::runtime_error(message), kind_(kind) {}
   ErrorKind kind() const noexcept { return kind_; }
+  // Whether trying again may succeed (a dropped connection, an unreachable host), as opposed to
+  // a failure that repeats (permission denied, disk full, bad input).
+  virtual bool transient() const noexcept { return false; }
 
  private:
   ErrorKind kind_;

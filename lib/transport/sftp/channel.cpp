@@ -48,37 +48,50 @@ void Channel::Free::operator()(ssh_channel_struct* c) const {
   ssh_channel_free(c);
 }
 
+void Channel::lost(const std::string& what) {
+  broken_ = true;
+  throw DisconnectedError(what);
+}
+
 void Channel::send(const std::vector<std::byte>& packet) {
+  if (broken_) lost(fmt::format("{}: connection already lost", where()));
   size_t done = 0;
+  auto deadline = std::chrono::steady_clock::now() + stall_;
   while (done < packet.size()) {
     int n = ssh_channel_write(ch_.get(), packet.data() + done,
                               static_cast<uint32_t>(packet.size() - done));
     if (n == SSH_ERROR)
-      throw DisconnectedError(fmt::format("{}: connection lost while sending: {}", where(),
-                                          ssh_get_error(session_.get())));
-    done += static_cast<size_t>(n);
+      lost(fmt::format("{}: connection lost while sending: {}", where(),
+                       ssh_get_error(session_.get())));
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+      deadline = std::chrono::steady_clock::now() + stall_;
+    } else if (std::chrono::steady_clock::now() > deadline) {
+      // libssh returns without progress when the server's window stays closed past its timeout.
+      lost(fmt::format("{}: the server accepted no data for {} s (stalled connection)", where(),
+                       stall_.count()));
+    }
   }
 }
 
 Reply Channel::receive() {
+  if (broken_) lost(fmt::format("{}: connection already lost", where()));
   std::array<std::byte, 64 * 1024> buf;
   auto deadline = std::chrono::steady_clock::now() + stall_;
   for (;;) {
     if (auto body = framer_.next()) return parse_reply(*body);
     int n = ssh_channel_read_timeout(ch_.get(), buf.data(), buf.size(), 0, 1000);
     if (n == SSH_ERROR)
-      throw DisconnectedError(
-          fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
+      lost(fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
     if (n > 0) {
       framer_.feed(Bytes(buf.data(), static_cast<size_t>(n)));
       deadline = std::chrono::steady_clock::now() + stall_;
       continue;
     }
     if (ssh_channel_is_eof(ch_.get()) || ssh_channel_is_closed(ch_.get()))
-      throw DisconnectedError(fmt::format("{}: the server closed the SFTP channel", where()));
+      lost(fmt::format("{}: the server closed the SFTP channel", where()));
     if (std::chrono::steady_clock::now() > deadline)
-      throw DisconnectedError(
-          fmt::format("{}: no reply for {} s (stalled connection)", where(), stall_.count()));
+      lost(fmt::format("{}: no reply for {} s (stalled connection)", where(), stall_.count()));
   }
 }
 
@@ -231,6 +244,22 @@ std::string Channel::realpath(const std::string& path) {
   if (r.type == kName && r.names.size() == 1) return r.names[0].first;
   expect_ok(r, fmt::format("{}: {}: realpath", where(), path));
   throw ProtocolError(fmt::format("{}: realpath {}: malformed reply", where(), path));
+}
+
+std::vector<std::byte> Channel::read(const std::string& handle, uint64_t offset, uint32_t length) {
+  uint32_t id = next_id();
+  PacketWriter w(kRead, id);
+  w.str(handle).u64(offset).u32(length);
+  Reply r = request(w, id);
+  if (r.type == kData) {
+    if (r.data.size() > length)
+      throw ProtocolError(
+          fmt::format("{}: READ of {} bytes answered with {}", where(), length, r.data.size()));
+    return std::move(r.data);
+  }
+  if (r.type == kStatus && r.status == kEof) return {};
+  expect_ok(r, fmt::format("{}: read of {} bytes at offset {}", where(), length, offset));
+  throw ProtocolError(fmt::format("{}: READ answered with a success status but no data", where()));
 }
 
 }  // namespace diskferry::sftp

@@ -33,6 +33,7 @@ class StatusError : public Error {
 class DisconnectedError : public Error {
  public:
   explicit DisconnectedError(const std::string& what) : Error(ErrorKind::Output, what) {}
+  bool transient() const noexcept override { return true; }
 };
 
 struct StatVfs {
@@ -51,6 +52,9 @@ class Channel {
   // Largest WRITE payload the server takes: limits@openssh.com when offered, else 32 KiB.
   uint32_t max_write() const { return max_write_; }
   const std::string& where() const { return session_.where(); }
+
+  // Set once the connection failed: later requests fail at once instead of waiting again.
+  bool broken() const { return broken_; }
 
   uint32_t next_id() { return ++last_id_; }
   void send(const std::vector<std::byte>& packet);
@@ -72,6 +76,8 @@ class Channel {
   void fsync(const std::string& handle);  // fsync@openssh.com; no-op when not offered
   void truncate(const std::string& handle, uint64_t size);
   std::optional<StatVfs> statvfs(const std::string& path);
+  // Up to `length` bytes at `offset` (fewer near the end; empty at or past it).
+  std::vector<std::byte> read(const std::string& handle, uint64_t offset, uint32_t length);
   std::string realpath(const std::string& path);
 
   // Throws StatusError for a non-OK STATUS reply, naming `what`.
@@ -79,6 +85,7 @@ class Channel {
 
  private:
   Reply request(PacketWriter& w, uint32_t id);
+  [[noreturn]] void lost(const std::string& what);
 
   SshSession& session_;
   struct Free {
@@ -91,6 +98,7 @@ class Channel {
   std::map<std::string, std::string> extensions_;
   uint32_t last_id_ = 0;
   uint32_t max_write_ = 32 * 1024;
+  bool broken_ = false;
 };
 
 }  // namespace diskferry::sftp

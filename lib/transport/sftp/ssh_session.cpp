@@ -109,6 +109,11 @@ std::string SshSession::cipher() const {
   return c ? c : "?";
 }
 
+std::string SshSession::banner() const {
+  const char* b = ssh_get_serverbanner(s_.get());
+  return b ? b : "";
+}
+
 void SshSession::verify_host_key(const SshOptions& o) {
   ssh_key raw = nullptr;
   if (ssh_get_server_publickey(s_.get(), &raw) != SSH_OK)

@@ -30,6 +30,7 @@ class ConnectError : public Error {
       : Error(ErrorKind::Output, what), failure_(f) {}
   ConnectFailure failure() const { return failure_; }
   bool retryable() const { return failure_ == ConnectFailure::Unreachable; }
+  bool transient() const noexcept override { return retryable(); }
 
  private:
   ConnectFailure failure_;
@@ -46,6 +47,7 @@ class SshSession {
   const std::string& where() const { return where_; }  // user@host:port, for messages
   const std::string& fingerprint() const { return fingerprint_; }
   std::string cipher() const;
+  std::string banner() const;  // the server's version string, e.g. "SSH-2.0-OpenSSH_9.2p1"
 
  private:
   void verify_host_key(const SshOptions& o);
