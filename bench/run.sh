@@ -2,7 +2,9 @@
 # diskferry benchmark suite: diskferry against qemu-img (and qemu-img + zstd), side by side.
 #
 #   bench/run.sh                       # every part: qcow2 vhdx compress sparse1t zstd
+#                                      #   + sftp-loopback sftp-rtt30 sftp-e2e
 #   bench/run.sh qcow2 sparse1t        # only some parts
+#   bench/run.sh sftp                  # the three sftp-* parts (bench/sftp.py; needs root)
 #   REPS=5 BENCH_DIR=/mnt/scratch bench/run.sh
 #
 # Environment:
@@ -18,6 +20,11 @@
 #               (other builds/tests running skew wall times; default 60, 0 = don't wait)
 #   IDLE_BUDGET at most this many seconds of such waiting in the whole run (default 240)
 #   IDLE_MAX_BUSY  "idle" means at most this percent of all CPUs busy (default 15)
+#   SFTP_LOOPBACK_MIB, SFTP_RTT_MIB, SFTP_RTT_DELAY_MS, SFTP_CIPHER: see bench/sftp.py
+#
+# The sftp-* parts run bench/sftp.py (diskferry's sftp:// upload against OpenSSH `sftp` and
+# `rclone rcat` on a local sshd, and end to end against `qemu-img convert` + `sftp put`); its
+# tables are appended to the same results file.
 #
 # Each timed command runs under /usr/bin/time (peak RSS) with its wall time taken from bash's
 # EPOCHREALTIME. Before every timed command: outputs are deleted and `sync` runs (no tool pays for
@@ -35,7 +42,7 @@ REPS=${REPS:-3}
 DISKFERRY=${DISKFERRY:-$ROOT/build/bin/diskferry}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 OUT_DIR=${OUT_DIR:-$HERE/out}
-ALL_PARTS=(qcow2 vhdx compress sparse1t zstd)
+ALL_PARTS=(qcow2 vhdx compress sparse1t zstd sftp-loopback sftp-rtt30 sftp-e2e)
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -47,7 +54,9 @@ for a in "$@"; do
   case $a in
     -h | --help) usage; exit 0 ;;
     all) PARTS+=("${ALL_PARTS[@]}") ;;
-    qcow2 | vhdx | compress | sparse1t | zstd) PARTS+=("$a") ;;
+    qcow2 | vhdx | compress | sparse1t | zstd | sftp-loopback | sftp-rtt30 | sftp-e2e)
+      PARTS+=("$a") ;;
+    sftp) PARTS+=(sftp-loopback sftp-rtt30 sftp-e2e) ;;
     *) echo "bench/run.sh: unknown part '$a' (expected: ${ALL_PARTS[*]} or all)" >&2; exit 2 ;;
   esac
 done
@@ -466,17 +475,37 @@ part_zstd() {
   run_group
 }
 
+# The sftp-* parts: bench/sftp.py runs them (one sshd per part, its own table), once for all of
+# the requested ones, after the other parts; its Markdown section goes into the results file.
+part_sftp_loopback() { SFTP_PARTS+=(loopback); }
+part_sftp_rtt30() { SFTP_PARTS+=(rtt30); }
+part_sftp_e2e() { SFTP_PARTS+=(e2e); }
+SFTP_MD=""
+run_sftp() {
+  SFTP_MD=$BENCH_DIR/.sftp-section.md
+  rm -f "$SFTP_MD"
+  log "sftp parts: bench/sftp.py ${SFTP_PARTS[*]}"
+  local budget=$((IDLE_BUDGET > IDLE_WAITED ? IDLE_BUDGET - IDLE_WAITED : 0))
+  if ! BENCH_DIR=$BENCH_DIR REPS=$REPS DISKFERRY=$DISKFERRY QEMU_IMG=$QEMU_IMG IDLE_WAIT=$IDLE_WAIT \
+    IDLE_BUDGET=$budget IDLE_MAX_BUSY=$IDLE_MAX_BUSY python3 "$HERE/sftp.py" "${SFTP_PARTS[@]}" \
+    --md-out "$SFTP_MD" >/dev/null; then
+    FAILURES+=("sftp: bench/sftp.py ${SFTP_PARTS[*]} failed (see its FAILURES section)")
+  fi
+}
+
 # ---------------------------------------------------------------- main
 START=$EPOCHREALTIME
 need_img=0 need_sparse=0
 for p in "${PARTS[@]}"; do
-  case $p in sparse1t) need_sparse=1 ;; *) need_img=1 ;; esac
+  case $p in sparse1t) need_sparse=1 ;; sftp-loopback | sftp-rtt30) ;; *) need_img=1 ;; esac
 done
 ((need_img)) && build_disk8g
 ((need_sparse)) && build_sparse1t
 rm -f ./*.qcow2 ./*.vhdx ./*.zst ./*.partial
 
-for p in "${PARTS[@]}"; do "part_$p"; done
+SFTP_PARTS=()
+for p in "${PARTS[@]}"; do "part_${p//-/_}"; done
+((${#SFTP_PARTS[@]})) && run_sftp
 
 # ---------------------------------------------------------------- report
 machine() {
@@ -533,7 +562,8 @@ RESULT=$OUT_DIR/results-$STAMP.md
   machine
   images
   echo
-  table
+  ((${#ROWS[@]})) && table
+  [[ -n $SFTP_MD && -f $SFTP_MD ]] && { echo; cat "$SFTP_MD"; }
   if ((${#DETAILS[@]})); then
     echo
     echo "Output sizes in bytes (apparent size; allocated where the output was a file):"
@@ -551,5 +581,5 @@ RESULT=$OUT_DIR/results-$STAMP.md
 } >"$RESULT"
 cat "$RESULT"
 log "results written to $RESULT"
-rm -f .time.out .stderr.out .stdout.out
+rm -f .time.out .stderr.out .stdout.out .sftp-section.md
 ((${#FAILURES[@]} == 0)) || { log "${#FAILURES[@]} failure(s)"; exit 1; }

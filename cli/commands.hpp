@@ -10,5 +10,6 @@ using Run = std::function<int()>;
 
 Run add_convert(CLI::App& app);
 Run add_measure(CLI::App& app);
+Run add_test_remote(CLI::App& app);
 
 }  // namespace diskferry::cli

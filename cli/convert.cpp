@@ -123,7 +123,7 @@ Run add_convert(CLI::App& app) {
   return [args, remote, dest]() {
     ConvertOptions o = args->options();
     auto src = args->open();
-    remote->apply_retries(o);
+    remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     auto d = remote->open(*dest);
     auto r = convert(*src, *d, o);

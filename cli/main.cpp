@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   std::vector<std::pair<std::string, diskferry::cli::Run>> cmds;
   cmds.emplace_back("convert", diskferry::cli::add_convert(app));
   cmds.emplace_back("measure", diskferry::cli::add_measure(app));
+  cmds.emplace_back("test-remote", diskferry::cli::add_test_remote(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "pipeline/convert.hpp"
+#include "pipeline/rate_limit.hpp"
 #include "transport/destination.hpp"
 #include "transport/sftp/sftp_sink.hpp"
 #include "util/error.hpp"
@@ -20,6 +21,7 @@ struct RemoteArgs {
   int retries = 5;
   double retry_delay = 2;
   int streams = 4;
+  std::string bwlimit;
 
   void add(CLI::App& c) {
     c.add_option("--identity", identity,
@@ -39,6 +41,10 @@ struct RemoteArgs {
     c.add_option("--retry-delay", retry_delay,
                  "Seconds to wait before the first retry; each further wait doubles, up to 60 "
                  "(default 2)");
+    c.add_option("--bwlimit", bwlimit,
+                 "Limit the upload rate: 20M (bytes/s, K/M/G = 1024 multiples), off, or a "
+                 "timetable like rclone's: \"08:00,5M 23:00,off\" or \"Mon-08:00,5M "
+                 "Sat-00:00,off\" (each entry holds until the next)");
     c.add_option("--streams", streams,
                  "SFTP channels one upload is spread over, on one SSH connection (default 4, "
                  "1-16): more help on long round trips");
@@ -57,8 +63,8 @@ struct RemoteArgs {
     return o;
   }
 
-  // --retries and --retry-delay into the conversion's retry policy.
-  void apply_retries(ConvertOptions& o) const {
+  // --retries, --retry-delay and --bwlimit into the conversion's options.
+  void apply_transfer_options(ConvertOptions& o) const {
     if (retries < 0 || retries > 1000)
       throw Error(ErrorKind::Usage, "--retries: expected a number from 0 to 1000");
     if (!(retry_delay >= 0 && retry_delay <= 3600))
@@ -66,6 +72,12 @@ struct RemoteArgs {
     o.retries = retries;
     o.retry_delay = std::chrono::milliseconds(static_cast<int64_t>(retry_delay * 1000));
     o.max_retry_delay = std::max(o.retry_delay, o.max_retry_delay);
+    if (!bwlimit.empty()) {
+      auto limiter = std::make_shared<RateLimiter>(parse_bwlimit(bwlimit));
+      o.wrap_destination = [limiter](std::unique_ptr<Sink> s) {
+        return make_rate_limited_sink(std::move(s), {limiter});
+      };
+    }
   }
 
   std::unique_ptr<Destination> open(const std::string& dest) const {

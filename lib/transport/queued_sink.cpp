@@ -44,6 +44,10 @@ class QueuedSink final : public Sink {
     drain();
     inner_->rewrite(offset, data);
   }
+  void expect_size(uint64_t n) override {
+    drain();  // the sending thread is idle then, and the call happens on this one
+    inner_->expect_size(n);
+  }
   void commit() override {
     drain();
     stop();

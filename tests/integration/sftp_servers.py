@@ -669,11 +669,18 @@ class OpenSSHServer(_SftpServer):
     """Dedicated sshd: internal-sftp only, chroot like a Hetzner Storage Box.
 
     extra_config: dict of sshd_config options for the global section, e.g.
-    {"MaxSessions": 4, "ClientAliveInterval": 5}."""
+    {"MaxSessions": 4, "ClientAliveInterval": 5}.
+    subsystem: command line of an external sftp server (e.g. the hostile test server) to run
+    instead, as the user, without chroot or ForceCommand; sshd starts it through the user's
+    login shell, so that user needs a real one (not nologin)."""
 
     kind = "openssh"
     binary = "sshd"
     package = "openssh-server"
+
+    def __init__(self, *args, subsystem=None, **kw):
+        super().__init__(*args, **kw)
+        self.subsystem = subsystem
 
     def _write_authorized_keys(self):
         d = os.path.join(self.state_dir, "authorized_keys")
@@ -693,14 +700,15 @@ class OpenSSHServer(_SftpServer):
             "UsePAM": "no", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
             "PubkeyAuthentication": "yes", "PermitRootLogin": "no", "AllowUsers": self.user,
             "StrictModes": "yes", "UseDNS": "no", "LogLevel": "VERBOSE",
-            "MaxStartups": "100:30:200", "Subsystem": "sftp internal-sftp",
+            "MaxStartups": "100:30:200",
+            "Subsystem": f"sftp {self.subsystem or 'internal-sftp'}",
         }
         opts.update(self.extra_config or {})
         lines = [f"{k} {v}" for k, v in opts.items()]
-        lines += [f"Match User {self.user}",
-                  f"  ChrootDirectory {self.root}",
-                  "  ForceCommand internal-sftp",
-                  "  AllowTcpForwarding no", "  AllowAgentForwarding no",
+        lines += [f"Match User {self.user}"]
+        if not self.subsystem:
+            lines += [f"  ChrootDirectory {self.root}", "  ForceCommand internal-sftp"]
+        lines += ["  AllowTcpForwarding no", "  AllowAgentForwarding no",
                   "  X11Forwarding no", "  PermitTunnel no", "  PermitTTY no"]
         self.config = os.path.join(self.state_dir, "sshd_config")
         with open(self.config, "w") as f:

@@ -89,6 +89,32 @@ TEST_CASE("hostile replies are protocol errors, not crashes") {
   CHECK_THROWS_AS(z.next(), ProtocolError);
 }
 
+TEST_CASE("an oversized length field is reported as too large, before any byte of the body") {
+  // A hostile server announcing 100 MiB: refused at once, naming the length and the limit, not
+  // after buffering (or waiting for) the body.
+  PacketFramer f;
+  std::vector<std::byte> hdr(9);
+  put_be32(hdr.data(), 100u << 20);
+  hdr[4] = std::byte{kStatus};
+  f.feed(hdr);
+  std::string what;
+  try {
+    f.next();
+  } catch (const ProtocolError& e) {
+    what = e.what();
+  }
+  CHECK(what == "malformed SFTP reply: packet length 104857600 is too large (limit 1048576)");
+  // The largest allowed length is just waited for.
+  PacketFramer ok;
+  put_be32(hdr.data(), kMaxPacket);
+  ok.feed(hdr);
+  CHECK_FALSE(ok.next().has_value());
+  PacketFramer z;
+  std::byte zero[4] = {};
+  z.feed(zero);
+  CHECK_THROWS_WITH_AS(z.next(), "malformed SFTP reply: packet length 0", ProtocolError);
+}
+
 TEST_CASE("attributes: size and permissions both ways") {
   Attrs a;
   a.size = 123456789012ull;

@@ -55,14 +55,22 @@ void Channel::lost(const std::string& what) {
 
 void Channel::send(const std::vector<std::byte>& packet) {
   if (broken_) lost(fmt::format("{}: connection already lost", where()));
+  // Every request but INIT carries its id right after the length and the type byte.
+  if (packet.size() >= 9 && std::to_integer<uint8_t>(packet[4]) != kInit)
+    outstanding_.insert(get_be32(packet.data() + 5));
   size_t done = 0;
   auto deadline = std::chrono::steady_clock::now() + stall_;
   while (done < packet.size()) {
     int n = ssh_channel_write(ch_.get(), packet.data() + done,
                               static_cast<uint32_t>(packet.size() - done));
-    if (n == SSH_ERROR)
+    if (n == SSH_ERROR) {
+      // The connection is up but the channel refuses data: the server ended the SFTP session
+      // (its process exited), as receive() reports when it sees the close first.
+      if (ssh_is_connected(session_.get()))
+        lost(fmt::format("{}: the server closed the SFTP channel", where()));
       lost(fmt::format("{}: connection lost while sending: {}", where(),
                        ssh_get_error(session_.get())));
+    }
     if (n > 0) {
       done += static_cast<size_t>(n);
       deadline = std::chrono::steady_clock::now() + stall_;
@@ -74,12 +82,26 @@ void Channel::send(const std::vector<std::byte>& packet) {
   }
 }
 
+std::optional<Reply> Channel::buffered_reply() {
+  std::optional<Reply> r;
+  try {
+    if (auto body = framer_.next()) r = parse_reply(*body);
+  } catch (const ProtocolError& e) {
+    throw ProtocolError(fmt::format("{}: {}", where(), e.what()));
+  }
+  // An id we are not waiting for would otherwise be kept (or dropped) while the request it
+  // stands in for waits for a reply that never comes: a "stall" that is really a bad reply.
+  if (r && r->id && outstanding_.erase(*r->id) == 0)
+    throw ProtocolError(fmt::format("{}: reply for unknown request id {}", where(), *r->id));
+  return r;
+}
+
 Reply Channel::receive() {
   if (broken_) lost(fmt::format("{}: connection already lost", where()));
   std::array<std::byte, 64 * 1024> buf;
   auto deadline = std::chrono::steady_clock::now() + stall_;
   for (;;) {
-    if (auto body = framer_.next()) return parse_reply(*body);
+    if (auto r = buffered_reply()) return std::move(*r);
     int n = ssh_channel_read_timeout(ch_.get(), buf.data(), buf.size(), 0, 1000);
     if (n == SSH_ERROR)
       lost(fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
@@ -95,6 +117,23 @@ Reply Channel::receive() {
   }
 }
 
+std::optional<Reply> Channel::poll() {
+  if (broken_) lost(fmt::format("{}: connection already lost", where()));
+  for (;;) {
+    if (auto r = buffered_reply()) return r;
+    int avail = ssh_channel_poll(ch_.get(), 0);
+    if (avail == SSH_ERROR)
+      lost(fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
+    if (avail <= 0) return std::nullopt;  // nothing yet, or end of file: receive() reports it
+    std::array<std::byte, 64 * 1024> buf;
+    int n = ssh_channel_read_nonblocking(ch_.get(), buf.data(), buf.size(), 0);
+    if (n == SSH_ERROR)
+      lost(fmt::format("{}: connection lost: {}", where(), ssh_get_error(session_.get())));
+    if (n <= 0) return std::nullopt;
+    framer_.feed(Bytes(buf.data(), static_cast<size_t>(n)));
+  }
+}
+
 Reply Channel::wait(uint32_t id) {
   if (auto it = early_.find(id); it != early_.end()) {
     Reply r = std::move(it->second);
@@ -105,9 +144,7 @@ Reply Channel::wait(uint32_t id) {
     Reply r = receive();
     if (!r.id) throw ProtocolError(fmt::format("{}: unexpected VERSION packet", where()));
     if (*r.id == id) return r;
-    if (*r.id > last_id_ || early_.count(*r.id))
-      throw ProtocolError(fmt::format("{}: reply for unknown request id {}", where(), *r.id));
-    early_.emplace(*r.id, std::move(r));
+    early_.emplace(*r.id, std::move(r));  // receive() let it through: a request still waiting
   }
 }
 

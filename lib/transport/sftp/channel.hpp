@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -57,9 +58,15 @@ class Channel {
   bool broken() const { return broken_; }
 
   uint32_t next_id() { return ++last_id_; }
+  // Sends one finished packet; its request id counts as outstanding until its reply arrives.
   void send(const std::vector<std::byte>& packet);
-  // Blocks until any reply arrives (or the stall timeout passes: DisconnectedError).
+  // Blocks until any reply arrives (or the stall timeout passes: DisconnectedError). A reply that
+  // cannot be parsed, or whose id is not outstanding (never sent, or answered already), is a
+  // ProtocolError naming the server.
   Reply receive();
+  // A reply that has already arrived, without waiting; nullopt when none has. Checked like
+  // receive().
+  std::optional<Reply> poll();
   // Blocks until the reply to `id`; replies to other requests are kept for later.
   Reply wait(uint32_t id);
 
@@ -85,6 +92,8 @@ class Channel {
 
  private:
   Reply request(PacketWriter& w, uint32_t id);
+  // The next complete reply already received, checked (see receive()); nullopt: none yet.
+  std::optional<Reply> buffered_reply();
   [[noreturn]] void lost(const std::string& what);
 
   SshSession& session_;
@@ -95,6 +104,7 @@ class Channel {
   std::chrono::seconds stall_;
   PacketFramer framer_;
   std::map<uint32_t, Reply> early_;
+  std::set<uint32_t> outstanding_;  // ids sent and not yet answered
   std::map<std::string, std::string> extensions_;
   uint32_t last_id_ = 0;
   uint32_t max_write_ = 32 * 1024;

@@ -82,6 +82,9 @@ class StripedWriter {
         issued_end_ = std::max(issued_end_, offset + n);
         state_.sent_high = std::max(state_.sent_high, issued_end_);
       }
+      // Replies that are already here move the resume point without waiting for the budget
+      // (after the bookkeeping above: one of them may be this very write's).
+      while (auto r = lane.ch->poll()) take(lane, std::move(*r));
       offset += n;
       data = data.subspan(n);
     }
@@ -95,8 +98,9 @@ class StripedWriter {
  private:
   uint64_t acked_prefix() const { return starts_.empty() ? issued_end_ : *starts_.begin(); }
 
-  void reap(Lane& lane) {
-    Reply r = lane.ch->receive();
+  void reap(Lane& lane) { take(lane, lane.ch->receive()); }
+
+  void take(Lane& lane, Reply r) {
     auto it = r.id ? lane.inflight.find(*r.id) : lane.inflight.end();
     if (it == lane.inflight.end())
       throw ProtocolError(fmt::format("{}: reply for unknown request id {}", lane.ch->where(),
@@ -339,6 +343,8 @@ class SftpDestination final : public Destination {
   Connection connect(int streams = 0) {
     Connection c;
     c.session = std::make_unique<SshSession>(url_, opts_.ssh);
+    // A write blocked on a closed window must come back within the stall timeout.
+    c.session->set_timeout(opts_.stall_timeout);
     int n = streams ? streams : opts_.streams;
     // rclone's server (pkg/sftp) fails writes that arrive out of file order ("Illegal seek"),
     // which several channels guarantee: one channel, whose writes it takes in order.

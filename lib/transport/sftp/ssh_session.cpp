@@ -100,13 +100,25 @@ SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
                        fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_.get())));
   int fd = ssh_get_fd(s_.get());
   if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &yes, sizeof yes);
+  if (o.on_step) o.on_step(*this, ConnectStep::Connected);
   verify_host_key(o);
+  if (o.on_step) o.on_step(*this, ConnectStep::HostKeyVerified);
   authenticate(o);
 }
 
 std::string SshSession::cipher() const {
   const char* c = ssh_get_cipher_out(s_.get());
   return c ? c : "?";
+}
+
+std::string SshSession::kex() const {
+  const char* k = ssh_get_kex_algo(s_.get());
+  return k ? k : "?";
+}
+
+void SshSession::set_timeout(std::chrono::seconds t) {
+  long secs = static_cast<long>(t.count());
+  ssh_options_set(s_.get(), SSH_OPTIONS_TIMEOUT, &secs);
 }
 
 std::string SshSession::banner() const {
@@ -129,6 +141,7 @@ void SshSession::verify_host_key(const SshOptions& o) {
   fingerprint_ = fp ? fp : "?";
   ssh_string_free_char(fp);
   std::string type = ssh_key_type_to_char(ssh_key_type(key.get()));
+  host_key_type_ = type;
 
   switch (ssh_session_is_known_server(s_.get())) {
     case SSH_KNOWN_HOSTS_OK:
@@ -150,6 +163,7 @@ void SshSession::verify_host_key(const SshOptions& o) {
         if (ssh_session_update_known_hosts(s_.get()) != SSH_OK)
           throw Error(ErrorKind::Output, fmt::format("{}: cannot add host key to {}: {}", where_,
                                                      known_hosts_, ssh_get_error(s_.get())));
+        host_key_added_ = true;
         return;
       }
       throw ConnectError(

@@ -198,9 +198,10 @@ void PacketFramer::feed(Bytes b) {
 std::optional<std::vector<std::byte>> PacketFramer::next() {
   if (buf_.size() - pos_ < 4) return std::nullopt;
   uint32_t len = get_be32(buf_.data() + pos_);
-  if (len == 0 || len > kMaxPacket)
-    throw ProtocolError(
-        fmt::format("malformed SFTP reply: packet length {} (limit {})", len, kMaxPacket));
+  if (len == 0) throw ProtocolError("malformed SFTP reply: packet length 0");
+  if (len > kMaxPacket)
+    throw ProtocolError(fmt::format(
+        "malformed SFTP reply: packet length {} is too large (limit {})", len, kMaxPacket));
   if (buf_.size() - pos_ - 4 < len) return std::nullopt;
   std::vector<std::byte> body(buf_.begin() + static_cast<long>(pos_ + 4),
                               buf_.begin() + static_cast<long>(pos_ + 4 + len));
