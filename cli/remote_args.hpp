@@ -1,6 +1,7 @@
 // Command-line options for sftp:// destinations, shared by the commands that talk to a remote.
 #pragma once
 
+#include <fmt/format.h>
 #include <CLI/CLI.hpp>
 #include <memory>
 #include <string>
@@ -58,6 +59,7 @@ struct RemoteArgs {
     o.ssh.accept_new_host_key = accept_new;
     if (stall_timeout < 1) throw Error(ErrorKind::Usage, "--stall-timeout: at least 1 second");
     o.stall_timeout = std::chrono::seconds(stall_timeout);
+    o.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     if (streams < 1 || streams > 16) throw Error(ErrorKind::Usage, "--streams: expected 1 to 16");
     o.streams = streams;
     return o;
@@ -81,7 +83,8 @@ struct RemoteArgs {
   }
 
   std::unique_ptr<Destination> open(const std::string& dest) const {
-    if (!sftp::is_sftp_url(dest)) return make_single_destination(dest, open_file_sink(dest));
+    if (!sftp::is_sftp_url(dest))
+      return make_single_destination(dest == "-" ? "stdout" : dest, open_file_sink(dest));
     return sftp::open_sftp_destination(sftp::parse_url(dest), sink_options());
   }
 };

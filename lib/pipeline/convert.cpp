@@ -60,12 +60,13 @@ ConvertResult convert_once(Source& source, Destination& dest, const ConvertOptio
   std::string fmt_name = format_name(o.writer.format);
   if (!single && !source.rereadable())
     throw Error(ErrorKind::Usage,
-                fmt::format("cannot stream {} from {} to a pipe{}: the {} header must hold the "
+                fmt::format("cannot stream {} from {} to {}{}: the {} header must hold the "
                             "offsets of tables written after the data, so it needs either a second "
                             "read of the source (give a file, not a pipe) or one rewrite of the "
-                            "header at the end (write to a file or SFTP{})",
-                            fmt_name, source.name(),
-                            o.compress.codec != StreamCodec::None ? " or compressed" : "", fmt_name,
+                            "header at the end (write to a file or an SFTP server other than "
+                            "rclone{})",
+                            fmt_name, source.name(), dest.name(),
+                            o.compress.codec != StreamCodec::None ? " compressed" : "", fmt_name,
                             o.compress.codec != StreamCodec::None ? ", without --compress" : ""));
 
   ConvertResult r;

@@ -10,10 +10,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sftp_servers import OpenSSHServer, ProFTPDServer, client_keypair  # noqa: E402
+from sftp_servers import OpenSSHServer, ProFTPDServer, RcloneServer, client_keypair  # noqa: E402
 
 DF = None
 MiB = 1024 * 1024
@@ -141,6 +142,133 @@ class OpenSSH(SftpUpload, unittest.TestCase):
 
 class ProFTPD(SftpUpload, unittest.TestCase):
     SERVER = ProFTPDServer
+
+
+class Rclone(SftpUpload, unittest.TestCase):
+    SERVER = RcloneServer
+
+    def test_permission_denied_outside_writable_dir(self):
+        # rclone opens files lazily: its refusal comes with the writes, in its own words.
+        p = self.convert("not-writable.qcow2", "-O", "qcow2")
+        self.assert_refused(p, "/not-writable.qcow2.partial: write of", "failed")
+        self.assertFalse(os.path.exists(self.server.local_path("/not-writable.qcow2.partial")))
+
+
+class ClientSide(unittest.TestCase):
+    """Client options against one OpenSSH server: ~/.ssh/config aliases, ssh-agent, --bwlimit."""
+
+    @classmethod
+    def setUpClass(cls):
+        reason = OpenSSHServer.unavailable_reason()
+        if reason:
+            raise unittest.SkipTest(reason)
+        cls.dir = tempfile.mkdtemp(prefix="df-sftp-client-", dir="/var/tmp")
+        cls.server = OpenSSHServer()
+        cls.server.start()
+        cls.kh = cls.server.write_known_hosts(os.path.join(cls.dir, "kh"))
+        cls.src = os.path.join(cls.dir, "rand.img")
+        with open(cls.src, "wb") as f:
+            f.write(random.Random(3).randbytes(8 * MiB))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def remote(self, name):
+        return self.server.local_path("/backups/" + name)
+
+    def test_ssh_config_alias(self):
+        # HostName, Port, User and IdentityFile all come from the alias.
+        cfg = os.path.join(self.dir, "ssh_config")
+        with open(cfg, "w") as f:
+            f.write(f"Host backupbox\n  HostName 127.0.0.1\n  Port {self.server.port}\n"
+                    f"  User {self.server.user}\n  IdentityFile {self.server.client_key}\n")
+        home = tempfile.mkdtemp(dir=self.dir)   # no default keys, no agent
+        env = {"PATH": os.environ["PATH"], "HOME": home}
+        p = run(DF, "convert", self.src, "-O", "raw", "--ssh-config", cfg, "--known-hosts",
+                self.kh, "--no-progress", "-o", "sftp://backupbox/backups/alias.raw", env=env)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(run("cmp", self.src, self.remote("alias.raw")).returncode, 0)
+        # Without the alias the name does not resolve: the error names the host.
+        p = run(DF, "convert", self.src, "-O", "raw", "--ssh-config", "/dev/null",
+                "--known-hosts", self.kh, "--no-progress", "--retries", "0", "-o",
+                "sftp://backupbox/backups/alias2.raw", env=env)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("backupbox", p.stderr)
+        self.assertIn("cannot connect", p.stderr)
+
+    def test_ssh_agent_when_no_identity(self):
+        home = tempfile.mkdtemp(dir=self.dir)
+        sock = os.path.join(home, "agent.sock")
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
+            env = {"PATH": os.environ["PATH"], "HOME": home, "SSH_AUTH_SOCK": sock}
+            args = [DF, "convert", self.src, "-O", "raw", "--known-hosts", self.kh,
+                    "--ssh-config", "/dev/null", "--no-progress", "--retries", "0", "-o"]
+            # Empty agent, no keys in HOME: refused, and the message says where it looked.
+            p = run(*args, self.server.url("backups/agent0.raw"), env=env)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn("authentication refused for ssh-agent", p.stderr)
+            add = run("ssh-add", self.server.client_key, env=env)
+            self.assertEqual(add.returncode, 0, add.stderr)
+            p = run(*args, self.server.url("backups/agent.raw"), env=env)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(run("cmp", self.src, self.remote("agent.raw")).returncode, 0)
+        finally:
+            agent.terminate()
+            agent.wait()
+
+    def test_bwlimit_holds_the_rate(self):
+        # 8 MiB at 2 MiB/s: about 4 s (the first burst of 256 KiB is free); unlimited: well under.
+        args = [DF, "convert", self.src, "-O", "raw", "--identity", self.server.client_key,
+                "--known-hosts", self.kh, "--no-progress", "--bwlimit"]
+        t = time.monotonic()
+        p = run(*args, "2M", "-o", self.server.url("backups/slow.raw"))
+        took = time.monotonic() - t
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(run("cmp", self.src, self.remote("slow.raw")).returncode, 0)
+        self.assertGreater(took, 3.6, "--bwlimit 2M let 8 MiB through too fast")
+        self.assertLess(took, 6.5, "--bwlimit 2M was much slower than 2 MiB/s")
+        # A timetable whose only slot is "off" does not limit.
+        t = time.monotonic()
+        p = run(*args, "00:00,off", "-o", self.server.url("backups/fast.raw"))
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertLess(time.monotonic() - t, 3)
+
+    def test_bad_bwlimit_is_a_usage_error(self):
+        for bad in ("fast", "25:00,1M", "08:00,1M 08:00,2M", "Mon-08:00"):
+            with self.subTest(bad):
+                p = run(DF, "convert", self.src, "-O", "raw", "--bwlimit", bad, "-o",
+                        self.server.url("backups/never.raw"))
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+                self.assertIn(f"--bwlimit '{bad}'", p.stderr)
+
+
+class FewerSessionsThanStreams(unittest.TestCase):
+    """OpenSSH's MaxSessions below --streams: the upload uses the channels granted and says so."""
+
+    def test_upload_uses_the_channels_granted(self):
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as d, \
+                OpenSSHServer(extra_config={"MaxSessions": 2}) as srv:
+            src = os.path.join(d, "src.img")
+            make_source(src)
+            kh = srv.write_known_hosts(os.path.join(d, "kh"))
+            p = run(DF, "convert", src, "-O", "qcow2", "--streams", "6", "--identity",
+                    srv.client_key, "--known-hosts", kh, "--no-progress", "-o",
+                    srv.url("backups/few.qcow2"))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(p.stderr.count("\n"), 1, p.stderr)   # warned once, not per attempt
+            self.assertIn("the server allows 2 SFTP channels per connection (--streams 6); "
+                          "using 2", p.stderr)
+            c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", src,
+                    srv.local_path("/backups/few.qcow2"))
+            self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
 
 
 class BadUrls(unittest.TestCase):

@@ -8,6 +8,7 @@ left in the directory.
 Run: test_sftp_resume.py PATH/TO/diskferry
 """
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -264,7 +265,10 @@ class FullRemote(Upload, unittest.TestCase):
         lines = p.stderr.strip().splitlines()
         self.assertEqual(len(lines), 1, p.stderr)
         self.assertIn("not enough space on the server", lines[0])
-        self.assertIn("36.0 MiB", lines[0])
+        m = subprocess.run([DF, "measure", SRC, "-O", "qcow2", "--json"], capture_output=True,
+                           text=True, check=True)
+        need = json.loads(m.stdout)["size"]
+        self.assertIn(f"the image needs {need / MiB:.1f} MiB more", lines[0])
         self.assertEqual(self.listing(), [])
 
     def test_unknown_size_fails_when_full_and_leaves_nothing(self):

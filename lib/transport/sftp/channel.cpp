@@ -2,13 +2,19 @@
 
 #include <fmt/format.h>
 #include <libssh/libssh.h>
+#include <poll.h>
+#include <algorithm>
 #include <array>
 
 namespace diskferry::sftp {
 
-Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
+Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout, Deferred)
     : session_(session), ch_(ssh_channel_new(session.get())), stall_(stall_timeout) {
   if (!ch_.get()) throw Error(ErrorKind::Internal, "libssh: ssh_channel_new failed");
+}
+
+Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
+    : Channel(session, stall_timeout, Deferred{}) {
   if (ssh_channel_open_session(ch_.get()) != SSH_OK)
     throw DisconnectedError(
         fmt::format("{}: cannot open a channel: {}", where(), ssh_get_error(session_.get())));
@@ -16,9 +22,89 @@ Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
     throw ConnectError(ConnectFailure::Protocol,
                        fmt::format("{}: the server refused the sftp subsystem: {}", where(),
                                    ssh_get_error(session_.get())));
+  send_init();
+  take_version();
+  take_limits(send_limits());
+}
+
+namespace {
+
+// libssh's channel open and channel requests return SSH_AGAIN instead of waiting when the
+// session is non-blocking; that is how several of them are in flight at once.
+class NonBlocking {
+ public:
+  explicit NonBlocking(ssh_session s) : s_(s) { ssh_set_blocking(s_, 0); }
+  ~NonBlocking() { ssh_set_blocking(s_, 1); }
+  NonBlocking(const NonBlocking&) = delete;
+  NonBlocking& operator=(const NonBlocking&) = delete;
+
+ private:
+  ssh_session s_;
+};
+
+// Calls step(i) for every i until none returns SSH_AGAIN, waiting for the socket in between.
+// Returns each one's final result (SSH_OK or SSH_ERROR).
+template <class Step>
+std::vector<int> all_at_once(ssh_session s, size_t n, std::chrono::seconds limit, Step step) {
+  std::vector<int> rc(n, SSH_AGAIN);
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  NonBlocking nb(s);
+  for (;;) {
+    bool pending = false;
+    for (size_t i = 0; i < n; ++i) {
+      if (rc[i] == SSH_AGAIN) rc[i] = step(i);
+      pending |= rc[i] == SSH_AGAIN;
+    }
+    if (!pending) return rc;
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (auto& r : rc)
+        if (r == SSH_AGAIN) r = SSH_ERROR;
+      return rc;
+    }
+    pollfd p{ssh_get_fd(s), POLLIN, 0};
+    ::poll(&p, 1, 50);
+  }
+}
+
+}  // namespace
+
+std::vector<std::unique_ptr<Channel>> Channel::open_many(SshSession& session, int n,
+                                                         std::chrono::seconds stall_timeout) {
+  std::vector<std::unique_ptr<Channel>> chs;
+  for (int i = 0; i < n; ++i)
+    chs.push_back(std::make_unique<Channel>(session, stall_timeout, Deferred{}));
+  auto opened = all_at_once(session.get(), chs.size(), stall_timeout,
+                            [&](size_t i) { return ssh_channel_open_session(chs[i]->ch_.get()); });
+  // Keep the channels the server granted, as long as it granted the first.
+  if (opened[0] != SSH_OK)
+    throw DisconnectedError(fmt::format("{}: cannot open a channel: {}", session.where(),
+                                        ssh_get_error(session.get())));
+  size_t granted = 1;
+  while (granted < chs.size() && opened[granted] == SSH_OK) ++granted;
+  chs.resize(granted);
+  auto sub = all_at_once(session.get(), chs.size(), stall_timeout, [&](size_t i) {
+    return ssh_channel_request_subsystem(chs[i]->ch_.get(), "sftp");
+  });
+  for (int r : sub)
+    if (r != SSH_OK)
+      throw ConnectError(ConnectFailure::Protocol,
+                         fmt::format("{}: the server refused the sftp subsystem: {}",
+                                     session.where(), ssh_get_error(session.get())));
+  for (auto& c : chs) c->send_init();
+  for (auto& c : chs) c->take_version();
+  std::vector<uint32_t> ids;
+  for (auto& c : chs) ids.push_back(c->send_limits());
+  for (size_t i = 0; i < chs.size(); ++i) chs[i]->take_limits(ids[i]);
+  return chs;
+}
+
+void Channel::send_init() {
   PacketWriter init(kInit, std::nullopt);
   init.u32(3);
   send(init.finish());
+}
+
+void Channel::take_version() {
   Reply v = receive();
   if (v.type != kVersion)
     throw ProtocolError(
@@ -27,24 +113,33 @@ Channel::Channel(SshSession& session, std::chrono::seconds stall_timeout)
     throw ProtocolError(
         fmt::format("{}: server speaks SFTP version {}, need 3", where(), v.version));
   for (auto& [name, data] : v.extensions) extensions_[name] = data;
-  if (has("limits@openssh.com")) {
-    PacketWriter w(kExtended, next_id());
-    w.str("limits@openssh.com");
-    uint32_t id = last_id_;
-    Reply r = request(w, id);
-    if (r.type == kExtendedReply) {
-      PacketReader rd(r.data);
-      rd.u64("max packet length");
-      rd.u64("max read length");
-      uint64_t max_write = rd.u64("max write length");
-      if (max_write >= 4096)
-        max_write_ = static_cast<uint32_t>(std::min<uint64_t>(max_write, 1u << 18));
-    }
-  }
+}
+
+uint32_t Channel::send_limits() {
+  if (!has("limits@openssh.com")) return 0;
+  uint32_t id = next_id();
+  PacketWriter w(kExtended, id);
+  w.str("limits@openssh.com");
+  send(w.finish());
+  return id;
+}
+
+void Channel::take_limits(uint32_t id) {
+  if (!id) return;
+  Reply r = wait(id);
+  if (r.type != kExtendedReply) return;
+  PacketReader rd(r.data);
+  rd.u64("max packet length");
+  rd.u64("max read length");
+  uint64_t max_write = rd.u64("max write length");
+  if (max_write >= 4096)
+    max_write_ = static_cast<uint32_t>(std::min<uint64_t>(max_write, 1u << 18));
 }
 
 void Channel::Free::operator()(ssh_channel_struct* c) const {
-  ssh_channel_close(c);
+  // Only an open channel may be closed: libssh would send CLOSE for a refused one with remote
+  // id 0, which closes someone else's channel (OpenSSH: "close rcvd twice", then it stalls).
+  if (ssh_channel_is_open(c)) ssh_channel_close(c);
   ssh_channel_free(c);
 }
 
@@ -87,12 +182,15 @@ std::optional<Reply> Channel::buffered_reply() {
   try {
     if (auto body = framer_.next()) r = parse_reply(*body);
   } catch (const ProtocolError& e) {
+    poisoned_ = true;
     throw ProtocolError(fmt::format("{}: {}", where(), e.what()));
   }
   // An id we are not waiting for would otherwise be kept (or dropped) while the request it
   // stands in for waits for a reply that never comes: a "stall" that is really a bad reply.
-  if (r && r->id && outstanding_.erase(*r->id) == 0)
+  if (r && r->id && outstanding_.erase(*r->id) == 0) {
+    poisoned_ = true;
     throw ProtocolError(fmt::format("{}: reply for unknown request id {}", where(), *r->id));
+  }
   return r;
 }
 
@@ -164,22 +262,40 @@ void Channel::expect_ok(const Reply& r, const std::string& what) {
                                                 : " (" + r.message + ")"));
 }
 
-std::string Channel::open(const std::string& path, uint32_t flags, const Attrs& attrs) {
+uint32_t Channel::send_open(const std::string& path, uint32_t flags, const Attrs& attrs) {
   uint32_t id = next_id();
   PacketWriter w(kOpen, id);
   w.str(path).u32(flags).attrs(attrs);
-  Reply r = request(w, id);
+  send(w.finish());
+  return id;
+}
+
+std::string Channel::opened(uint32_t id, const std::string& path) {
+  Reply r = wait(id);
   if (r.type == kHandle)
     return std::string(reinterpret_cast<const char*>(r.data.data()), r.data.size());
   expect_ok(r, fmt::format("{}: {}: cannot open", where(), path));
   throw ProtocolError(fmt::format("{}: open {}: no handle in reply", where(), path));
 }
 
-void Channel::close(const std::string& handle) {
+std::string Channel::open(const std::string& path, uint32_t flags, const Attrs& attrs) {
+  return opened(send_open(path, flags, attrs), path);
+}
+
+uint32_t Channel::send_close(const std::string& handle) {
   uint32_t id = next_id();
   PacketWriter w(kClose, id);
   w.str(handle);
-  expect_ok(request(w, id), fmt::format("{}: close", where()));
+  send(w.finish());
+  return id;
+}
+
+void Channel::closed(uint32_t id) {
+  expect_ok(wait(id), fmt::format("{}: close", where()));
+}
+
+void Channel::close(const std::string& handle) {
+  closed(send_close(handle));
 }
 
 std::optional<Attrs> Channel::stat(const std::string& path) {

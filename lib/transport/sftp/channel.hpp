@@ -45,6 +45,13 @@ struct StatVfs {
 class Channel {
  public:
   Channel(SshSession& session, std::chrono::seconds stall_timeout);
+  // Opens up to `n` channels on one connection at once: each setup step (channel open, sftp
+  // subsystem, INIT, limits@openssh.com) goes out on every channel before any reply is awaited,
+  // so the setup costs the round trips of one channel, not n (≈19 round trips saved for n = 4,
+  // 0.6 s at 30 ms). Returns fewer when the server refuses the extra channels (OpenSSH's
+  // MaxSessions, 10 by default); throws when it refuses the first.
+  static std::vector<std::unique_ptr<Channel>> open_many(SshSession& session, int n,
+                                                         std::chrono::seconds stall_timeout);
   Channel(const Channel&) = delete;
   Channel& operator=(const Channel&) = delete;
 
@@ -56,6 +63,9 @@ class Channel {
 
   // Set once the connection failed: later requests fail at once instead of waiting again.
   bool broken() const { return broken_; }
+  // False once the connection failed or the server sent a reply that made no sense on this
+  // channel (its byte stream can no longer be trusted; other channels may still be fine).
+  bool usable() const { return !broken_ && !poisoned_; }
 
   uint32_t next_id() { return ++last_id_; }
   // Sends one finished packet; its request id counts as outstanding until its reply arrives.
@@ -72,6 +82,12 @@ class Channel {
 
   // Synchronous operations; errors throw StatusError naming the path.
   std::string open(const std::string& path, uint32_t flags, const Attrs& attrs = {});
+  // open() in two halves, so that several channels' opens share one round trip.
+  uint32_t send_open(const std::string& path, uint32_t flags, const Attrs& attrs = {});
+  std::string opened(uint32_t id, const std::string& path);
+  // close() in two halves, likewise.
+  uint32_t send_close(const std::string& handle);
+  void closed(uint32_t id);
   void close(const std::string& handle);
   std::optional<Attrs> stat(const std::string& path);  // nullopt: no such file
   void mkdir(const std::string& path);
@@ -91,6 +107,16 @@ class Channel {
   static void expect_ok(const Reply& r, const std::string& what);
 
  private:
+  struct Deferred {};  // the ssh channel only, nothing opened yet (open_many's first step)
+
+ public:
+  Channel(SshSession& session, std::chrono::seconds stall_timeout, Deferred);
+
+ private:
+  void send_init();
+  void take_version();
+  uint32_t send_limits();  // 0: not offered
+  void take_limits(uint32_t id);
   Reply request(PacketWriter& w, uint32_t id);
   // The next complete reply already received, checked (see receive()); nullopt: none yet.
   std::optional<Reply> buffered_reply();
@@ -109,6 +135,7 @@ class Channel {
   uint32_t last_id_ = 0;
   uint32_t max_write_ = 32 * 1024;
   bool broken_ = false;
+  bool poisoned_ = false;
 };
 
 }  // namespace diskferry::sftp

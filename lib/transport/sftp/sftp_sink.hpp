@@ -5,6 +5,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 
 #include "transport/destination.hpp"
@@ -22,6 +23,8 @@ struct SinkOptions {
   // Bytes in flight per channel: above the 2 MiB window, so the window is the limit.
   size_t lane_inflight_bytes = 4u << 20;
   bool sha256_sidecar = true;
+  // Told about things worth a user's attention that do not stop the upload.
+  std::function<void(const std::string&)> on_warning;
 };
 
 std::unique_ptr<Destination> open_sftp_destination(const Url& url, const SinkOptions& options);
