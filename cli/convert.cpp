@@ -109,10 +109,20 @@ Run add_convert(CLI::App& app) {
       "  diskferry convert win11.img.gz -O vhdx -o - | ssh host 'cat > win11.vhdx'\n"
       "  zcat vm.img.gz | diskferry convert - -O qcow2 -o vm.qcow2   (single pass)\n"
       "  diskferry convert vm.img -O qcow2 --qcow2-compression zstd -o vm.qcow2\n"
-      "  diskferry convert vm.img -O qcow2 --compress zstd -o - > vm.qcow2.zst\n\n"
+      "  diskferry convert vm.img -O qcow2 --compress zstd -o - > vm.qcow2.zst\n"
+      "  diskferry convert vm.img -O qcow2 --compress zstd --identity /etc/diskferry/id_ed25519 "
+      "\\\n"
+      "      -o sftp://u123456@u123456.your-storagebox.de:23/~/backups/vm.qcow2.zst\n"
+      "  diskferry convert vm.img -O vhdx --bwlimit \"08:00,5M 23:00,off\" -o "
+      "sftp://backupbox/srv/vm.vhdx\n"
+      "      (backupbox: a Host alias from ~/.ssh/config)\n\n"
       "To a file, qcow2/VHDX are written in one pass and the header is rewritten at the end.\n"
       "To a pipe (or with --compress), the source is read twice: once to plan, once to write.\n"
       "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.\n\n"
+      "To SFTP: written as NAME.partial, flushed (fsync@openssh.com), renamed into place, then\n"
+      "NAME.sha256 (sha256sum -c format) beside it. Host keys are checked strictly. A dropped or\n"
+      "stalled connection is resumed where every write was acknowledged (--retries); the bytes\n"
+      "below that point are not sent again. Test a remote first: diskferry test-remote URL.\n\n"
       "Exit status: 0 success, 1 failure (the message names the file and the cause), 2 bad usage.");
   args->add(*c);
   c->add_option("-o,--output", *dest,

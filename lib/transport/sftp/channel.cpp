@@ -132,8 +132,11 @@ void Channel::take_limits(uint32_t id) {
   rd.u64("max packet length");
   rd.u64("max read length");
   uint64_t max_write = rd.u64("max write length");
+  // Whole pages: OpenSSH offers 261120 bytes (255 KiB), and writes of that size start mid-page,
+  // so neighbouring writes (often on different channels, so different server processes) share
+  // a page of the server's page cache.
   if (max_write >= 4096)
-    max_write_ = static_cast<uint32_t>(std::min<uint64_t>(max_write, 1u << 18));
+    max_write_ = static_cast<uint32_t>(std::min<uint64_t>(max_write, 1u << 18) / 4096 * 4096);
 }
 
 void Channel::Free::operator()(ssh_channel_struct* c) const {
