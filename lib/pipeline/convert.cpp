@@ -32,12 +32,14 @@ class CountingFilter final : public FilterSink {
 
 // Runs one pass of the source through `fn(offset, bytes)`; returns the source size.
 template <class Fn>
-uint64_t run_pass(Source& source, uint32_t unit, Progress& progress, Fn&& fn) {
+uint64_t run_pass(Source& source, uint32_t unit, Progress& progress, Fn&& fn,
+                  const ConvertOptions* o = nullptr, bool writing = false) {
   auto pass = source.open_pass(unit);
   std::vector<std::byte> buf(unit);
   while (auto c = pass->next(buf)) {
     fn(c->offset, Bytes(buf.data(), c->length));
     progress.update(pass->consumed());
+    if (o && o->on_progress) o->on_progress(pass->consumed(), source.input_bytes(), writing);
   }
   progress.done(pass->consumed());
   return pass->size();
@@ -81,15 +83,15 @@ ConvertResult convert_once(Source& source, Destination& dest, const ConvertOptio
 
   if (!single) {
     Progress p(o.progress, "planning", source.input_bytes());
-    uint64_t size =
-        run_pass(source, writer->unit(), p, [&](uint64_t off, Bytes d) { writer->plan(off, d); });
+    uint64_t size = run_pass(
+        source, writer->unit(), p, [&](uint64_t off, Bytes d) { writer->plan(off, d); }, &o);
     writer->end_plan(size);
     if (o.compress.codec == StreamCodec::None) sink.expect_size(writer->planned_size());
   }
   Progress p(o.progress, single ? "converting" : "writing", source.input_bytes());
   writer->begin(sink, !single);
-  uint64_t size =
-      run_pass(source, writer->unit(), p, [&](uint64_t off, Bytes d) { writer->write(off, d); });
+  uint64_t size = run_pass(
+      source, writer->unit(), p, [&](uint64_t off, Bytes d) { writer->write(off, d); }, &o, true);
   writer->finish(size);
   r.virtual_size = virtual_disk_size(size);
   r.image_bytes = sink.position();
@@ -109,7 +111,7 @@ ConvertResult convert(Source& source, Destination& dest, const ConvertOptions& o
       r.resent_bytes = dest.resent_bytes();
       return r;
     } catch (const Error& e) {
-      if (!e.transient() || !dest.resumable()) throw;
+      if (!e.transient() || !dest.resumable() || o.caller_retries) throw;
       if (!source.rereadable()) {
         dest.give_up();
         throw Error(e.kind(),

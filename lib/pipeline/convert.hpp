@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,8 +27,15 @@ struct ConvertOptions {
   int retries = 5;
   std::chrono::milliseconds retry_delay{2000};
   std::chrono::milliseconds max_retry_delay{60000};
+  // The caller retries later (the daemon's queue): a transient failure propagates unchanged
+  // (its type says it is transient) instead of being retried here.
+  bool caller_retries = false;
   // Told about each retry (one line, no trailing newline); default: silent.
   std::function<void(const std::string&)> on_retry;
+  // Called for every unit read: source bytes consumed in this pass, the source's size when
+  // known, and whether this is the pass that writes (the planning pass only reads). May throw to
+  // stop the conversion (a cancelled job, a daemon shutting down); the error propagates.
+  std::function<void(uint64_t done, std::optional<uint64_t> total, bool writing)> on_progress;
   // Wraps the destination's sink of each attempt (bandwidth limits); identity when empty.
   std::function<std::unique_ptr<Sink>(std::unique_ptr<Sink>)> wrap_destination;
 };

@@ -418,4 +418,33 @@ std::vector<std::byte> Channel::read(const std::string& handle, uint64_t offset,
   throw ProtocolError(fmt::format("{}: READ answered with a success status but no data", where()));
 }
 
+std::optional<std::vector<std::pair<std::string, Attrs>>> Channel::list_dir(std::string_view dir) {
+  uint32_t id = next_id();
+  PacketWriter w(kOpendir, id);
+  w.str(dir);
+  Reply r = request(w, id);
+  if (r.type == kStatus && r.status == kNoSuchFile) return std::nullopt;
+  if (r.type != kHandle) {
+    expect_ok(r, fmt::format("{}: {}: cannot list", where(), dir));
+    throw ProtocolError(fmt::format("{}: opendir {}: no handle in reply", where(), dir));
+  }
+  std::string h(reinterpret_cast<const char*>(r.data.data()), r.data.size());
+  std::vector<std::pair<std::string, Attrs>> out;
+  for (;;) {
+    uint32_t rid = next_id();
+    PacketWriter rd(kReaddir, rid);
+    rd.str(h);
+    Reply names = request(rd, rid);
+    if (names.type == kStatus && names.status == kEof) break;
+    if (names.type != kName) {
+      expect_ok(names, fmt::format("{}: {}: cannot list", where(), dir));
+      throw ProtocolError(fmt::format("{}: readdir {}: no names in reply", where(), dir));
+    }
+    for (auto& [name, attrs] : names.names)
+      if (name != "." && name != "..") out.emplace_back(std::move(name), attrs);
+  }
+  close(h);
+  return out;
+}
+
 }  // namespace diskferry::sftp

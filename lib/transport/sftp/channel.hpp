@@ -102,6 +102,8 @@ class Channel {
   // Up to `length` bytes at `offset` (fewer near the end; empty at or past it).
   std::vector<std::byte> read(const std::string& handle, uint64_t offset, uint32_t length);
   std::string realpath(const std::string& path);
+  // Every entry of a directory but "." and "..", with its attributes; nullopt: no such directory.
+  std::optional<std::vector<std::pair<std::string, Attrs>>> list_dir(std::string_view dir);
 
   // Throws StatusError for a non-OK STATUS reply, naming `what`.
   static void expect_ok(const Reply& r, const std::string& what);

@@ -236,6 +236,14 @@ class SftpSink final : public Sink {
     // A broken connection keeps the partial file for the next attempt to resume.
     for (auto& c : conn_.channels)
       if (c->broken()) return;
+    if (opts_.keep_partial) {
+      try {
+        close_handles();
+      } catch (...) {
+        // The server closes them with the channels.
+      }
+      return;
+    }
     // Otherwise the upload failed for good (a refused write, a reply that made no sense): the
     // partial file goes. A new channel does it, since the old ones may still hold replies (or
     // garbage) queued behind the failure; the old ones if the server allows no more channels.
@@ -341,6 +349,18 @@ class SftpDestination final : public Destination {
     std::vector<std::string> handles;
     uint64_t resume_at = 0;
     std::vector<std::byte> tail;
+    if (!state_.started && !adopted_ && opts_.adopt_partial) {
+      adopted_ = true;  // only the first attempt of this process looks for an earlier one's
+      if (auto a = ch.stat(partial); a && a->size && *a->size > 0) {
+        // Every write below (end - what can be in flight) was acknowledged: writes go out in
+        // file order and each channel holds at most lane_inflight_bytes unacknowledged.
+        uint64_t in_flight = uint64_t(opts_.lane_inflight_bytes) * c.channels.size() + (1 << 20);
+        uint64_t end = *a->size;
+        state_.started = true;
+        state_.acked = end > in_flight ? (end - in_flight) / (1 << 20) * (1 << 20) : 0;
+        state_.sent_high = end;
+      }
+    }
     if (state_.started && ch.stat(partial)) {
       try {
         resume_at = state_.acked;
@@ -375,7 +395,7 @@ class SftpDestination final : public Destination {
   }
 
   void give_up() noexcept override {
-    if (!state_.started) return;
+    if (!state_.started || opts_.keep_partial) return;
     try {
       Connection c = connect(1);
       c.channels[0]->remove(final_ + ".partial");
@@ -436,12 +456,20 @@ class SftpDestination final : public Destination {
   std::string name_, final_;
   UploadState state_;
   bool warned_channels_ = false;
+  bool adopted_ = false;
 };
 
 }  // namespace
 
 std::unique_ptr<Destination> open_sftp_destination(const Url& url, const SinkOptions& options) {
   return std::make_unique<SftpDestination>(url, options);
+}
+
+void discard_partial(const Url& url, const SinkOptions& options) {
+  SshSession session(url, options.ssh);
+  Channel ch(session, options.stall_timeout);
+  std::string partial = url.remote_path() + ".partial";
+  if (ch.stat(partial)) ch.remove(partial);
 }
 
 }  // namespace diskferry::sftp

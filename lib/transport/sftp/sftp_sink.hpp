@@ -23,10 +23,20 @@ struct SinkOptions {
   // Bytes in flight per channel: above the 2 MiB window, so the window is the limit.
   size_t lane_inflight_bytes = 4u << 20;
   bool sha256_sidecar = true;
+  // The daemon retries a job later, possibly from a new process after a crash:
+  //  - keep_partial: a failed attempt never removes NAME.partial (discard() does, when the job
+  //    is abandoned);
+  //  - adopt_partial: a first attempt that finds NAME.partial resumes it, from a point safely
+  //    below its end (what was in flight when the previous process died may be missing), after
+  //    the usual comparison of the last MiB below that point.
+  bool keep_partial = false, adopt_partial = false;
   // Told about things worth a user's attention that do not stop the upload.
   std::function<void(const std::string&)> on_warning;
 };
 
 std::unique_ptr<Destination> open_sftp_destination(const Url& url, const SinkOptions& options);
+
+// Removes URL's NAME.partial if there is one (a job abandoned for good). Throws on failure.
+void discard_partial(const Url& url, const SinkOptions& options);
 
 }  // namespace diskferry::sftp

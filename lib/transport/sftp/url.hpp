@@ -16,7 +16,7 @@ struct Url {
   bool home_relative = false;
 
   // The path as the server wants it: "/abs/path" or "rel/path" (relative to the login dir).
-  std::string remote_path() const { return home_relative ? path : "/" + path; }
+  std::string remote_path() const { return home_relative ? path : std::string("/").append(path); }
   std::string str() const;  // canonical text, for messages (no secrets: URLs carry none)
 };
 
