@@ -11,5 +11,14 @@ using Run = std::function<int()>;
 Run add_convert(CLI::App& app);
 Run add_measure(CLI::App& app);
 Run add_test_remote(CLI::App& app);
+// The queue (jobs.cpp).
+Run add_enqueue(CLI::App& app);
+Run add_list(CLI::App& app);
+Run add_show(CLI::App& app);
+Run add_cancel(CLI::App& app);
+Run add_retry(CLI::App& app);
+Run add_prune(CLI::App& app);
+Run add_check_config(CLI::App& app);
+Run add_status(CLI::App& app);
 
 }  // namespace diskferry::cli

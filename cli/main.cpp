@@ -21,6 +21,14 @@ int main(int argc, char** argv) {
   cmds.emplace_back("convert", diskferry::cli::add_convert(app));
   cmds.emplace_back("measure", diskferry::cli::add_measure(app));
   cmds.emplace_back("test-remote", diskferry::cli::add_test_remote(app));
+  cmds.emplace_back("enqueue", diskferry::cli::add_enqueue(app));
+  cmds.emplace_back("list", diskferry::cli::add_list(app));
+  cmds.emplace_back("show", diskferry::cli::add_show(app));
+  cmds.emplace_back("cancel", diskferry::cli::add_cancel(app));
+  cmds.emplace_back("retry", diskferry::cli::add_retry(app));
+  cmds.emplace_back("prune", diskferry::cli::add_prune(app));
+  cmds.emplace_back("check-config", diskferry::cli::add_check_config(app));
+  cmds.emplace_back("status", diskferry::cli::add_status(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

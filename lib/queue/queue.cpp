@@ -427,6 +427,29 @@ bool Queue::renew(int64_t job_id, const std::string& owner, Time until) {
   return db.changes() == 1;
 }
 
+size_t Queue::release_dead(const std::function<bool(const std::string& owner)>& is_dead, Time now) {
+  std::lock_guard lock(impl_->mu);
+  Db& db = impl_->db;
+  Transaction tx(db);
+  std::vector<std::pair<int64_t, std::string>> dead;
+  {
+    auto s =
+        db.prepare("SELECT id, lease_owner FROM jobs WHERE state = 'running' AND lease_until > ?1");
+    s.bind_all(ms(now));
+    while (s.step())
+      if (is_dead(s.text(1))) dead.emplace_back(s.int64(0), s.text(1));
+  }
+  for (const auto& [id, owner] : dead) {
+    db.prepare("UPDATE jobs SET lease_until = ?2, updated = ?2 WHERE id = ?1")
+        .bind_all(id, ms(now))
+        .run();
+    impl_->add_event(id, now, "lease_released",
+                     fmt::format("{} no longer exists; its lease ends now", owner));
+  }
+  tx.commit();
+  return dead.size();
+}
+
 void Queue::progress(int64_t job_id, uint64_t bytes_done, std::optional<uint64_t> bytes_total,
                      uint64_t rate) {
   std::optional<int64_t> total;

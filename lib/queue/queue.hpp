@@ -124,6 +124,11 @@ class Queue {
   // not taken is still the owner's.
   [[nodiscard]] bool renew(int64_t job_id, const std::string& owner, Time until);
 
+  // Ends at once the leases of running jobs whose owner `is_dead` says is gone (a worker of a
+  // process on this host that no longer exists), so a restarted daemon resumes them without
+  // waiting out the lease. Returns how many; each gets an event.
+  size_t release_dead(const std::function<bool(const std::string& owner)>& is_dead, Time now);
+
   // Cheap, no event; ignored unless the job is running.
   void progress(int64_t job_id, uint64_t bytes_done, std::optional<uint64_t> bytes_total,
                 uint64_t rate);

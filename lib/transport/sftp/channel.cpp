@@ -329,7 +329,14 @@ void Channel::mkdirs(const std::string& dir) {
   }
   auto slash = dir.find_last_of('/');
   if (slash != std::string::npos && slash > 0) mkdirs(dir.substr(0, slash));
-  mkdir(dir);
+  try {
+    mkdir(dir);
+  } catch (const StatusError&) {
+    // Another upload (a second worker, another host) may have created it meanwhile: SFTP v3
+    // has no "already exists" status, so only a second look tells.
+    auto a = stat(dir);
+    if (!a || (a->permissions && (*a->permissions & 0170000) != 0040000)) throw;
+  }
 }
 
 void Channel::remove(const std::string& path) {

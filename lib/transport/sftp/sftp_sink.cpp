@@ -366,7 +366,10 @@ class SftpDestination final : public Destination {
         resume_at = state_.acked;
         handles.push_back(ch.open(partial, kOpenWrite | kOpenRead));
         tail = read_tail(ch, handles[0], resume_at);
+        uint64_t had = state_.sent_high;
+        if (auto a = ch.stat(partial); a && a->size) had = *a->size;
         ch.truncate(handles[0], resume_at);
+        if (opts_.on_resume) opts_.on_resume(resume_at, had);
         if (state_.sent_high > resume_at) state_.resent += state_.sent_high - resume_at;
       } catch (const StatusError&) {
         // The server cannot read back or reopen a file being written (rclone): start over.

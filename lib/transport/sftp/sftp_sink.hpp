@@ -32,6 +32,8 @@ struct SinkOptions {
   bool keep_partial = false, adopt_partial = false;
   // Told about things worth a user's attention that do not stop the upload.
   std::function<void(const std::string&)> on_warning;
+  // Told where an attempt resumes NAME.partial (bytes kept) and how large it was.
+  std::function<void(uint64_t kept, uint64_t partial_size)> on_resume;
 };
 
 std::unique_ptr<Destination> open_sftp_destination(const Url& url, const SinkOptions& options);

@@ -1,0 +1,374 @@
+#include "job/job.hpp"
+
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "image/source.hpp"
+#include "pipeline/convert.hpp"
+#include "snapshot/hook.hpp"
+#include "snapshot/snapshot.hpp"
+#include "transport/sftp/channel.hpp"
+#include "util/size.hpp"
+
+namespace diskferry {
+namespace {
+
+using Clock = std::chrono::system_clock;
+
+Time now_ms() {
+  return std::chrono::time_point_cast<std::chrono::milliseconds>(Clock::now());
+}
+
+// Thrown from the conversion's progress callback to stop it.
+class Stopped : public Error {
+ public:
+  Stopped(const std::string& what, bool resumable)
+      : Error(ErrorKind::Output, what), resumable_(resumable) {}
+  bool resumable() const { return resumable_; }
+
+ private:
+  bool resumable_;
+};
+
+std::string parent_of(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return "";
+  return path.substr(0, slash);
+}
+
+// Why a job failed, for `diskferry list` and monitoring: transient failures are retried, the
+// others need a person.
+std::string error_class(const Error& e) {
+  if (e.transient()) return "transient";
+  if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e)) {
+    switch (c->failure()) {
+      case sftp::ConnectFailure::HostKeyChanged:
+      case sftp::ConnectFailure::HostKeyUnknown:
+        return "host-key";
+      case sftp::ConnectFailure::AuthRefused:
+        return "auth";
+      default:
+        return "remote";
+    }
+  }
+  if (auto* s = dynamic_cast<const sftp::StatusError*>(&e))
+    return s->code() == sftp::kPermissionDenied ? "permission" : "remote";
+  switch (e.kind()) {
+    case ErrorKind::Usage:
+      return "config";
+    case ErrorKind::Input:
+      return "source";
+    case ErrorKind::Output:
+      return "remote";
+    case ErrorKind::Format:
+      return "format";
+    case ErrorKind::Internal:
+      return "internal";
+  }
+  return "unknown";
+}
+
+// Renews the job's lease every third of its length while the job runs; tells the job to stop
+// when renewing fails (cancelled, or the lease was taken by another worker).
+class Heartbeat {
+ public:
+  Heartbeat(Queue& q, int64_t id, std::string owner, std::chrono::milliseconds lease)
+      : q_(q), id_(id), owner_(std::move(owner)), lease_(lease), t_([this] { run(); }) {}
+  ~Heartbeat() {
+    {
+      std::lock_guard lk(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    t_.join();
+  }
+  bool lost() const { return lost_; }
+
+ private:
+  void run() {
+    std::unique_lock lk(m_);
+    while (!cv_.wait_for(lk, lease_ / 3, [this] { return done_; })) {
+      lk.unlock();
+      bool ok = true;
+      try {
+        ok = q_.renew(id_, owner_, now_ms() + lease_);
+      } catch (const Error&) {
+        // A locked database: try again at the next beat, the lease has slack for it.
+      }
+      lk.lock();
+      if (!ok) {
+        lost_ = true;
+        return;
+      }
+    }
+  }
+
+  Queue& q_;
+  int64_t id_;
+  std::string owner_;
+  std::chrono::milliseconds lease_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::atomic<bool> lost_{false};
+  std::thread t_;
+};
+
+// A file NAME and its NAME.sha256 both on the remote: an earlier attempt published it (the
+// daemon died before it could record that). Returns the checksum from the sidecar.
+std::optional<std::string> already_published(const sftp::Url& url, const sftp::SinkOptions& so) {
+  sftp::SshSession session(url, so.ssh);
+  sftp::Channel ch(session, so.stall_timeout);
+  std::string path = url.remote_path();
+  if (!ch.stat(path)) return std::nullopt;
+  std::string side = fmt::format("{}.sha256", path);
+  if (!ch.stat(side)) return std::nullopt;
+  std::string h = ch.open(side, sftp::kOpenRead);
+  auto bytes = ch.read(h, 0, 4096);
+  ch.close(h);
+  std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  auto sp = text.find(' ');
+  if (sp != 64) return std::nullopt;
+  return text.substr(0, 64);
+}
+
+std::vector<std::shared_ptr<RateLimiter>> limiters_for(const JobEnv& env, const SourceConf& src) {
+  std::vector<std::shared_ptr<RateLimiter>> l;
+  if (auto it = env.remote_limits.find(src.remote); it != env.remote_limits.end() && it->second)
+    l.push_back(it->second);
+  if (env.global_limit) l.push_back(env.global_limit);
+  return l;
+}
+
+}  // namespace
+
+sftp::SinkOptions sink_options(const Config& config, const RemoteConf& remote) {
+  sftp::SinkOptions so;
+  if (!remote.identity.empty()) so.ssh.identity = remote.identity;
+  if (!remote.known_hosts.empty()) so.ssh.known_hosts = remote.known_hosts;
+  if (!remote.ssh_config.empty()) so.ssh.ssh_config = remote.ssh_config;
+  so.ssh.accept_new_host_key = false;  // a daemon never trusts a key nobody has checked
+  so.stall_timeout = config.stall_timeout;
+  so.streams = remote.streams;
+  return so;
+}
+
+sftp::Url backup_url(const RemoteConf& remote, const std::string& relative) {
+  sftp::Url u = remote.url;
+  while (!u.path.empty() && u.path.back() == '/') u.path.pop_back();
+  u.path = u.path.empty() ? relative : fmt::format("{}/{}", u.path, relative);
+  return u;
+}
+
+std::chrono::milliseconds retry_backoff(const Retries& r, int attempt) {
+  using std::chrono::milliseconds;
+  auto lo = std::chrono::duration_cast<milliseconds>(r.backoff_min);
+  auto hi = std::chrono::duration_cast<milliseconds>(r.backoff_max);
+  auto d = lo;
+  for (int i = 1; i < attempt && d < hi; ++i) d *= 2;
+  d = std::min(d, hi);
+  // Jitter over the upper half, so jobs that failed together do not retry together.
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  std::uniform_int_distribution<int64_t> jitter(d.count() / 2, d.count());
+  return std::max(lo, milliseconds(jitter(rng)));
+}
+
+JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
+  Queue& q = *env.queue;
+  const Config& cfg = *env.config;
+  auto log = [&](const std::string& m) {
+    if (env.log) env.log(fmt::format("job {} ({}): {}", job.id, job.source, m));
+  };
+  auto src_it = cfg.sources.find(job.source);
+  if (src_it == cfg.sources.end()) {
+    std::string why = fmt::format("source {} is no longer in {}", job.source, cfg.path);
+    log(why);
+    return q.finish_failed(job.id, owner, why, "config");
+  }
+  const SourceConf& src = src_it->second;
+  const RemoteConf& rem = cfg.remotes.at(src.remote);
+  sftp::SinkOptions so = sink_options(cfg, rem);
+  so.keep_partial = so.adopt_partial = true;
+  so.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
+  so.on_resume = [&](uint64_t kept, uint64_t size) {
+    q.event(job.id, "resumed",
+            fmt::format("upload resumed at {} of the {} already on the remote", format_size(kept),
+                        format_size(size)));
+  };
+
+  Heartbeat beat(q, job.id, owner,
+                 std::chrono::duration_cast<std::chrono::milliseconds>(cfg.lease));
+  std::string snapshot = job.snapshot_path;
+  // The name is fixed by the first attempt, so every later one (and a restarted daemon) resumes
+  // the same NAME.partial.
+  std::string rel = job.remote_path;
+  if (rel.empty()) {
+    rel = render_name(src, Clock::now());
+    q.set_remote_path(job.id, rel);
+  }
+  sftp::Url url = backup_url(rem, rel);
+  q.event(job.id, "attempt",
+          fmt::format("attempt {} of {}: {} to {}", job.attempt, src.retries.max_attempts, src.path,
+                      url.str()));
+  log(fmt::format("attempt {} of {} to {}", job.attempt, src.retries.max_attempts, url.str()));
+
+  auto drop_snapshot = [&] {
+    if (snapshot.empty()) return;
+    try {
+      remove_snapshot(snapshot);
+      q.set_snapshot(job.id, "");
+    } catch (const Error& e) {
+      q.event(job.id, "warning", e.what());
+    }
+  };
+
+  try {
+    if (auto sha = already_published(url, so)) {
+      q.event(job.id, "published",
+              fmt::format("{} was already published by an earlier attempt", url.str()));
+      drop_snapshot();
+      q.finish_done(job.id, owner, *sha, rel);
+      return JobState::Done;
+    }
+    std::string input = src.path;
+    if (src.snapshot == SnapshotMode::Reflink) {
+      struct stat st {};
+      if (snapshot.empty() || ::stat(snapshot.c_str(), &st) != 0) {
+        HookEnv henv{{"DISKFERRY_SOURCE", src.name},
+                     {"DISKFERRY_IMAGE", src.path},
+                     {"DISKFERRY_JOB_ID", std::to_string(job.id)}};
+        Snapshot s = with_hooks(
+            src.hooks.pre_snapshot, src.hooks.post_snapshot, src.hooks.timeout,
+            [&] { return take_snapshot(src.path, src.snapshot_dir, fmt::format("job{}", job.id)); },
+            henv);
+        snapshot = s.path;
+        q.set_snapshot(job.id, snapshot);
+        q.event(job.id, "snapshot",
+                fmt::format("{} {}", s.reused ? "reused" : "reflinked", snapshot));
+      } else {
+        q.event(job.id, "snapshot", fmt::format("reused {}", snapshot));
+      }
+      input = snapshot;
+    }
+    auto source = open_source(input);
+
+    ConvertOptions o;
+    o.writer.format = src.format;
+    o.writer.cluster_codec = src.cluster_codec;
+    o.compress = src.compress;
+    o.threads = std::max(1u, std::thread::hardware_concurrency());
+    o.writer.threads = o.threads;
+    o.caller_retries = true;  // the queue retries, with the configured backoff and events
+    auto limits = limiters_for(env, src);
+    if (!limits.empty())
+      o.wrap_destination = [limits](std::unique_ptr<Sink> s) {
+        return make_rate_limited_sink(std::move(s), limits);
+      };
+    auto last = std::chrono::steady_clock::now();
+    uint64_t last_done = 0;
+    o.on_progress = [&](uint64_t done, std::optional<uint64_t> total, bool writing) {
+      if (beat.lost())
+        throw Stopped("the job was cancelled or taken over by another worker", false);
+      if (env.stopping && env.stopping->load())
+        throw Stopped("interrupted: the daemon is shutting down; the upload resumes on restart",
+                      true);
+      auto t = std::chrono::steady_clock::now();
+      if (!writing || t - last < std::chrono::seconds(1)) return;
+      double secs = std::chrono::duration<double>(t - last).count();
+      auto rate = static_cast<uint64_t>(static_cast<double>(done - last_done) / secs);
+      q.progress(job.id, done, total, rate);
+      last = t;
+      last_done = done;
+    };
+    auto dest = sftp::open_sftp_destination(url, so);
+    ConvertResult r = convert(*source, *dest, o);
+    q.event(job.id, "published",
+            fmt::format("{} ({}, sha256 {})", url.str(), format_size(r.output_bytes), r.sha256));
+    log(fmt::format("published {} ({})", url.str(), format_size(r.output_bytes)));
+    try {
+      PruneResult p = prune_source(cfg, src, false);
+      for (auto& name : p.removed) q.event(job.id, "pruned", name);
+    } catch (const Error& e) {
+      // The backup is safe; a failed prune is tried again after the next one.
+      q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
+    }
+    drop_snapshot();
+    q.finish_done(job.id, owner, r.sha256, rel);
+    return JobState::Done;
+  } catch (const LeaseLost&) {
+    return JobState::Running;
+  } catch (const Error& e) {
+    auto* stopped = dynamic_cast<const Stopped*>(&e);
+    if (beat.lost()) {
+      auto j = q.get(job.id);
+      if (!j || !j->cancel_requested) return JobState::Running;  // another worker has it
+      try {
+        sftp::discard_partial(url, so);
+      } catch (const Error&) {
+      }
+      drop_snapshot();
+      q.finish_cancelled(job.id, owner);
+      log("cancelled");
+      return JobState::Cancelled;
+    }
+    std::string cls = stopped ? "interrupted" : error_class(e);
+    log(e.what());
+    bool retry = (stopped && stopped->resumable()) ||
+                 (e.transient() && job.attempt < src.retries.max_attempts);
+    if (retry) {
+      auto wait = stopped ? std::chrono::milliseconds(0) : retry_backoff(src.retries, job.attempt);
+      return q.finish_retry(job.id, owner, e.what(), cls, now_ms() + wait);
+    }
+    try {
+      sftp::discard_partial(url, so);
+    } catch (const Error& de) {
+      q.event(job.id, "warning",
+              fmt::format("could not remove {}.partial: {}", url.str(), de.what()));
+    }
+    drop_snapshot();
+    return q.finish_failed(job.id, owner, e.what(), cls);
+  }
+}
+
+PruneResult prune_source(const Config& cfg, const SourceConf& src, bool dry_run) {
+  const RemoteConf& rem = cfg.remotes.at(src.remote);
+  sftp::SinkOptions so = sink_options(cfg, rem);
+  // Backups live in the directory the template renders to (its directories carry no time).
+  std::string sample = render_name(src, Clock::now());
+  std::string rel_dir = parent_of(sample);
+  sftp::Url dir_url = rel_dir.empty() ? rem.url : backup_url(rem, rel_dir);
+  sftp::SshSession session(dir_url, so.ssh);
+  sftp::Channel ch(session, so.stall_timeout);
+  const std::string dir = dir_url.remote_path();
+  std::vector<Backup> backups;
+  if (auto entries = ch.list_dir(dir.empty() ? std::string_view(".") : dir)) {
+    for (auto& [name, attrs] : *entries) {
+      if (attrs.permissions && (*attrs.permissions & 0170000) != 0100000) continue;
+      std::string rel = rel_dir.empty() ? name : fmt::format("{}/{}", rel_dir, name);
+      if (auto t = match_name(src, rel)) backups.push_back({rel, *t});
+    }
+  }
+  PruneResult r;
+  RetentionPolicy pol{static_cast<unsigned>(src.retention.keep_last),
+                      static_cast<unsigned>(src.retention.keep_daily),
+                      static_cast<unsigned>(src.retention.keep_weekly),
+                      static_cast<unsigned>(src.retention.keep_monthly)};
+  r.plan = plan_retention(std::move(backups), pol);
+  if (dry_run) return r;
+  for (auto& d : r.plan.remove) {
+    std::string path = backup_url(rem, d.backup.name).remote_path();
+    ch.remove(path);
+    std::string side = fmt::format("{}.sha256", path);
+    if (ch.stat(side)) ch.remove(side);
+    r.removed.push_back(d.backup.name);
+  }
+  return r;
+}
+
+}  // namespace diskferry

@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""The backup daemon end to end, with real components only: VM images on a real XFS with reflink
+(loop device), an OpenSSH chroot SFTP server on 127.0.0.1, the SQLite queue file, `diskferry
+enqueue/list/show/prune/status` and `diskferryd --once`. Judged by qemu-img on the server-side
+files, sha256 against a local conversion of the same source (the output is deterministic),
+sha256sum -c of the sidecar, and what is left on both sides.
+
+Run: test_daemon.py PATH/TO/bin   (the directory with diskferry and diskferryd)
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xfs_loop  # noqa: E402
+from sftp_servers import OpenSSHServer  # noqa: E402
+from tcp_proxy import TcpProxy  # noqa: E402
+
+BIN = None
+MiB = 1024 * 1024
+
+
+def df(*args, **kw):
+    return subprocess.run([os.path.join(BIN, "diskferry"), *map(str, args)], capture_output=True,
+                          text=True, timeout=kw.pop("timeout", 300), **kw)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(4 * MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_image(path, mib=64, seed=1):
+    """A sparse image: random MiB runs, zero runs and holes."""
+    r = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(mib * MiB)
+        for i in range(0, mib, 3):
+            f.seek(i * MiB)
+            f.write(r.randbytes(MiB) if i % 2 == 0 else bytes(MiB))
+
+
+@unittest.skipIf(xfs_loop.unavailable_reason("xfs"), xfs_loop.unavailable_reason("xfs") or "")
+class Daemon(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        reason = OpenSSHServer.unavailable_reason()
+        if reason:
+            raise unittest.SkipTest(reason)
+        cls.server = OpenSSHServer()
+        cls.server.start()
+        cls.fs = xfs_loop.XfsLoop(size_mib=600)
+        cls.fs.open()
+        cls.images = os.path.join(cls.fs.mountpoint, "images")
+        os.makedirs(cls.images)
+        cls.work = tempfile.mkdtemp(prefix="df-daemon-", dir="/var/tmp")
+        cls.kh = cls.server.write_known_hosts(os.path.join(cls.work, "known_hosts"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.fs.close()
+        cls.server.stop()
+        shutil.rmtree(cls.work, ignore_errors=True)
+
+    def setUp(self):
+        self.state = tempfile.mkdtemp(dir=self.work)
+        self.remote_dir = os.path.join(self.server.backups, self._testMethodName)
+        self.procs = []
+
+    def tearDown(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def write_config(self, sources, port=None, extra="", remote_extra=""):
+        port = port or self.server.port
+        kh = self.server.write_known_hosts(os.path.join(self.state, f"kh-{port}"), port=port)
+        text = (f"state_dir: {self.state}\nworkers: 2\nlease: 10s\nstall_timeout: 5s\n{extra}"
+                f"remotes:\n  box:\n"
+                f"    url: sftp://{self.server.user}@127.0.0.1:{port}/backups/"
+                f"{self._testMethodName}\n"
+                f"    identity: {self.server.client_key}\n    known_hosts: {kh}\n{remote_extra}"
+                f"sources:\n")
+        for name, s in sources.items():
+            text += f"  {name}:\n" + "".join(f"    {k}: {v}\n" for k, v in s.items())
+        self.config = os.path.join(self.state, "diskferry.yaml")
+        with open(self.config, "w") as f:
+            f.write(text)
+        return self.config
+
+    def source(self, name, seed=1, mib=64, **kw):
+        path = os.path.join(self.images, f"{self._testMethodName}-{name}.img")
+        if not os.path.exists(path):
+            make_image(path, mib, seed)
+        s = {"path": path, "remote": "box", "retries": "{max_attempts: 4, backoff: 1s..2s}"}
+        s.update(kw)
+        return s
+
+    def cli(self, *args, **kw):
+        return df(*args, "--config", self.config, **kw)
+
+    def daemon(self, *args, wait=True, env=None, **kw):
+        cmd = [os.path.join(BIN, "diskferryd"), "--config", self.config, *args]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+        self.procs.append(p)
+        if wait:
+            out, err = p.communicate(timeout=kw.get("timeout", 300))
+            self.assertEqual(p.returncode, 0, err)
+            return err
+        return p
+
+    def jobs(self):
+        p = self.cli("list", "--json", "--limit", "0")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return {j["id"]: j for j in json.loads(p.stdout)}
+
+    def local_sha(self, src, *args):
+        out = os.path.join(self.work, "local.out")
+        subprocess.run([os.path.join(BIN, "diskferry"), "convert", src, *args, "--no-progress",
+                        "-o", out], check=True)
+        h = sha256_file(out)
+        os.unlink(out)
+        return h
+
+    def remote_files(self):
+        found = []
+        for d, _, files in os.walk(self.remote_dir):
+            found += [os.path.relpath(os.path.join(d, f), self.remote_dir) for f in files]
+        return sorted(found)
+
+    def assert_published(self, job, convert_args):
+        self.assertEqual(job["state"], "done", job)
+        path = os.path.join(self.remote_dir, job["remote_path"])
+        src = self.config_sources[job["source"]]["path"]
+        want = self.local_sha(src, *convert_args)
+        self.assertEqual(sha256_file(path), want, f"{path} differs from a local conversion")
+        self.assertEqual(job["sha256"], want)
+        c = subprocess.run(["sha256sum", "-c", os.path.basename(path) + ".sha256"],
+                           cwd=os.path.dirname(path), capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        self.assertFalse(os.path.exists(path + ".partial"))
+        return path
+
+    def assert_no_snapshots(self):
+        snaps = os.path.join(self.images, ".diskferry-snapshots")
+        left = os.listdir(snaps) if os.path.isdir(snaps) else []
+        self.assertEqual(left, [], "snapshots left behind")
+
+    # -- tests -----------------------------------------------------------------------------------
+    def test_formats_end_to_end(self):
+        self.config_sources = {
+            "q": self.source("q", 1, compress="zstd:3"),
+            "v": self.source("v", 2, format="vhdx"),
+            "r": self.source("r", 3, format="raw", compress="gzip:1"),
+            "z": self.source("z", 4, compress="qcow2-zstd"),
+        }
+        self.write_config(self.config_sources)
+        p = self.cli("enqueue", "--all")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.count("queued job"), 4, p.stdout)
+        # The nightly timer firing again queues nothing new.
+        p = self.cli("enqueue", "--all")
+        self.assertEqual(p.stdout.count("already job"), 4, p.stdout)
+        self.daemon("--once")
+        jobs = self.jobs()
+        self.assertEqual(len(jobs), 4)
+        by_src = {j["source"]: j for j in jobs.values()}
+        q = self.assert_published(by_src["q"], ["-O", "qcow2", "--compress", "zstd:3"])
+        self.assertTrue(q.endswith(".qcow2.zst"), q)
+        raw = os.path.join(self.work, "q.qcow2")
+        subprocess.run(["zstd", "-d", "-q", "-f", q, "-o", raw], check=True)
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                            self.config_sources["q"]["path"], raw], capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        v = self.assert_published(by_src["v"], ["-O", "vhdx"])
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vhdx",
+                            self.config_sources["v"]["path"], v], capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        self.assert_published(by_src["r"], ["-O", "raw", "--compress", "gzip:1"])
+        z = self.assert_published(by_src["z"], ["-O", "qcow2", "--qcow2-compression", "zstd"])
+        c = subprocess.run(["qemu-img", "check", z], capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        self.assert_no_snapshots()
+        # The event log tells the story of a job.
+        p = self.cli("show", by_src["q"]["id"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        for kind in ("attempt", "snapshot", "published"):
+            self.assertIn(kind, p.stdout)
+        p = self.cli("status")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stdout.count(" OK "), 4, p.stdout)
+        db = os.path.join(self.state, "diskferry.db")
+        self.assertEqual(sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+    def test_cut_connections_are_retried_and_resumed(self):
+        # Each attempt makes a short connection (is NAME already published?) and the upload;
+        # only the uploads carry 10 MiB, so the first two uploads are cut and the third is not.
+        proxy = TcpProxy(("127.0.0.1", self.server.port), cut_up=10 * MiB, cut_first=4)
+        proxy.start()
+        try:
+            self.config_sources = {"a": self.source("a", 5, mib=96)}
+            self.write_config(self.config_sources, port=proxy.port)
+            self.cli("enqueue", "a")
+            self.daemon("--once")
+        finally:
+            proxy.close()
+        cuts = [c for c in proxy.connections if c.cut]
+        self.assertEqual(len(cuts), 2, proxy.connections)
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+        self.assertEqual(job["attempt"], 3, job)
+        p = self.cli("show", job["id"])
+        self.assertEqual(p.stdout.count("retry_wait"), 2, p.stdout)
+        # Both retries resumed the partial file instead of starting over: what the remote
+        # received in all is the file plus at most the two cut-off tails (< 10 MiB each).
+        self.assertEqual(p.stdout.count("upload resumed at"), 2, p.stdout)
+        size = os.path.getsize(os.path.join(self.remote_dir, job["remote_path"]))
+        self.assertLess(proxy.bytes_up, size + 2 * 10 * MiB + 4 * MiB)
+        self.assertEqual(self.remote_files(), sorted([job["remote_path"],
+                                                      job["remote_path"] + ".sha256"]))
+
+    def test_kill_9_and_restart_completes_once(self):
+        self.config_sources = {"k": self.source("k", 6, mib=96)}
+        # Slow enough to be killed mid-upload: ~48 MiB of data at 8 MiB/s.
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
+        self.cli("enqueue", "k")
+        p = self.daemon(wait=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            partials = [f for f in self.remote_files() if f.endswith(".partial")]
+            if partials and os.path.getsize(os.path.join(self.remote_dir, partials[0])) > 8 * MiB:
+                break
+            time.sleep(0.2)
+        else:
+            self.fail("the upload did not start")
+        p.kill()
+        p.wait()
+        (job,) = self.jobs().values()
+        self.assertEqual(job["state"], "running")  # its lease runs out, then a daemon resumes it
+        err = self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+        self.assertEqual(job["attempt"], 2, err)
+        self.assertEqual(self.remote_files(), sorted([job["remote_path"],
+                                                      job["remote_path"] + ".sha256"]))
+        show = self.cli("show", job["id"]).stdout
+        self.assertIn("reused", show)   # the same snapshot, so the same bytes
+        self.assertIn("upload resumed at", show)  # from the killed process's partial file
+        self.assert_no_snapshots()
+        db = os.path.join(self.state, "diskferry.db")
+        self.assertEqual(sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+    def test_permanent_failure_fails_at_once(self):
+        other = os.path.join(self.state, "other_kh")
+        with open(other, "w") as f:
+            f.write("")  # unknown host key: never accepted by the daemon
+        self.config_sources = {"p": self.source("p", 7)}
+        self.write_config(self.config_sources)
+        with open(self.config) as f:
+            text = f.read()
+        import re
+        text = re.sub(r"known_hosts: .*", f"known_hosts: {other}", text)
+        with open(self.config, "w") as f:
+            f.write(text)
+        self.cli("enqueue", "p")
+        self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assertEqual(job["state"], "failed")
+        self.assertEqual(job["attempt"], 1)
+        self.assertEqual(job["error_class"], "host-key")
+        self.assertIn("unknown host key", job["error"])
+        self.assert_no_snapshots()
+        p = self.cli("status")
+        self.assertEqual(p.returncode, 2, p.stdout)
+
+    def test_retention_keeps_foreign_files(self):
+        self.config_sources = {"w": self.source("w", 8, format="raw",
+                                                retention="{keep_last: 2}")}
+        self.write_config(self.config_sources)
+        d = os.path.join(self.remote_dir, "w")
+        os.makedirs(d)
+        old = ["w-20260101T000000Z.raw", "w-20260102T000000Z.raw", "w-20260103T000000Z.raw"]
+        foreign = ["notes.txt", "w-manual-copy.raw", "x-20260101T000000Z.raw"]
+        for n in old + foreign:
+            with open(os.path.join(d, n), "w") as f:
+                f.write(n)
+        with open(os.path.join(d, old[0] + ".sha256"), "w") as f:
+            f.write("0" * 64 + "  " + old[0] + "\n")
+        # As if the SFTP user had uploaded them (the test runs as root).
+        for path in [self.remote_dir, d] + [os.path.join(d, n) for n in os.listdir(d)]:
+            os.chown(path, self.server.uid, self.server.gid)
+        dry = self.cli("prune", "--dry-run")
+        self.assertEqual(dry.returncode, 0, dry.stderr)
+        self.assertIn("would remove w/w-20260101T000000Z.raw", dry.stdout)
+        self.assertEqual(len(os.listdir(d)), 7)  # nothing removed by a dry run
+        self.cli("enqueue", "w")
+        self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assertEqual(job["state"], "done", job)
+        left = sorted(os.listdir(d))
+        newest = os.path.basename(job["remote_path"])
+        self.assertEqual(left, sorted(foreign + [old[2], newest, newest + ".sha256"]))
+
+    def test_reflink_on_ext4_names_the_filesystem(self):
+        with xfs_loop.Ext4Loop(size_mib=128) as ext4:
+            img = os.path.join(ext4.mountpoint, "vm.img")
+            make_image(img, 16, 9)
+            self.config_sources = {"e": {"path": img, "remote": "box"}}
+            self.write_config(self.config_sources)
+            self.cli("enqueue", "e")
+            self.daemon("--once")
+            (job,) = self.jobs().values()
+            self.assertEqual(job["state"], "failed")
+            self.assertIn("ext4", job["error"])
+            self.assertIn("snapshot: none", job["error"])
+
+    def test_notify_socket_sees_ready(self):
+        self.config_sources = {"n": self.source("n", 10, mib=8)}
+        self.write_config(self.config_sources)
+        path = os.path.join(self.state, "notify.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(path)
+        s.settimeout(10)
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        p = self.daemon(wait=False, env=env)
+        try:
+            msg = s.recv(4096).decode()
+            self.assertIn("READY=1", msg)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+            s.close()
+        self.assertEqual(p.returncode, 0)
+
+    def test_config_errors_name_file_and_line(self):
+        self.config = os.path.join(self.state, "bad.yaml")
+        with open(self.config, "w") as f:
+            f.write(f"state_dir: {self.state}\nremotes:\n  box:\n    url: sftp://u@h/x\n"
+                    "sources:\n  a:\n    path: /x.img\n    remote: bxo\n")
+        p = self.cli("check-config")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertRegex(p.stderr, rf"{self.config}:8: sources\.a\.remote: .*bxo")
+        p = subprocess.run([os.path.join(BIN, "diskferryd"), "--config", self.config, "--once"],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(f"{self.config}:8:", p.stderr)
+
+
+if __name__ == "__main__":
+    BIN = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)
