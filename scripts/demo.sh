@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The main job, end to end on this machine: build, make a sample sparse VM disk, stream it into
-# qcow2 and VHDX through pipes (what `qemu-img convert ... -` cannot do), and let qemu-img judge.
+# The main job, end to end on this machine. First the product as it runs every night
+# (scripts/demo_backup.py: a chroot SFTP server, a VM disk on XFS with reflink, a config,
+# enqueue, diskferryd --once, qemu-img compare on the server's file); then the streaming
+# converter alone: a sample sparse VM disk into qcow2 and VHDX through pipes (what
+# `qemu-img convert ... -` cannot do), judged by qemu-img.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+python3 scripts/demo_backup.py build/bin
 DF=$PWD/build/bin/diskferry
 WORK=${DEMO_DIR:-/var/tmp/diskferry-demo}
 rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"

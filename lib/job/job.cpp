@@ -246,7 +246,7 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
         Snapshot s = with_hooks(
             src.hooks.pre_snapshot, src.hooks.post_snapshot, src.hooks.timeout,
             [&] { return take_snapshot(src.path, src.snapshot_dir, fmt::format("job{}", job.id)); },
-            henv);
+            henv, [&](const std::string& m) { q.event(job.id, "hook", m); });
         snapshot = s.path;
         q.set_snapshot(job.id, snapshot);
         q.event(job.id, "snapshot",

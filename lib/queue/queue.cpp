@@ -319,8 +319,25 @@ struct Queue::Impl {
   std::function<Time()> clock;
 };
 
+namespace {
+// The state directory of a first run (systemd's StateDirectory= makes it under the unit; a
+// hand-run `diskferry enqueue` or `diskferryd --once` must not need a mkdir first). 0700: the
+// database names hosts, paths and errors.
+const std::string& with_parent_dir(const std::string& path) {
+  std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  std::error_code ec;
+  if (dir.empty() || std::filesystem::is_directory(dir, ec)) return path;
+  std::filesystem::create_directories(dir, ec);
+  if (ec)
+    throw Error(ErrorKind::Output, fmt::format("{}: cannot create the state directory: {}",
+                                               dir.string(), ec.message()));
+  std::filesystem::permissions(dir, std::filesystem::perms::owner_all, ec);
+  return path;
+}
+}  // namespace
+
 Queue::Queue(const std::string& path, QueueOptions options)
-    : impl_(std::make_unique<Impl>(path, std::move(options))) {}
+    : impl_(std::make_unique<Impl>(with_parent_dir(path), std::move(options))) {}
 
 Queue::~Queue() = default;
 

@@ -2,12 +2,14 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <exception>
@@ -258,11 +260,19 @@ namespace {
 
 // The failure message, or nothing if the hook succeeded (or there is none).
 std::optional<std::string> run_one(const char* which, const std::string& command,
-                                   std::chrono::seconds timeout, HookEnv env) {
+                                   std::chrono::seconds timeout, HookEnv env,
+                                   const HookReport& report) {
   if (command.empty()) return std::nullopt;
   try {
     HookResult r = run_hook(command, timeout, env);
-    if (r.ok()) return std::nullopt;
+    if (r.ok()) {
+      if (report) {
+        std::string out = r.output;
+        while (!out.empty() && std::isspace(static_cast<unsigned char>(out.back()))) out.pop_back();
+        report(fmt::format("{} hook \"{}\" ok{}{}", which, command, out.empty() ? "" : ": ", out));
+      }
+      return std::nullopt;
+    }
     return describe_hook_failure(which, command, timeout, r);
   } catch (const std::exception& e) {
     return fmt::format("{} hook \"{}\": {}", which, command, e.what());
@@ -272,12 +282,12 @@ std::optional<std::string> run_one(const char* which, const std::string& command
 }  // namespace
 
 void run_with_hooks(const std::string& pre, const std::string& post, std::chrono::seconds timeout,
-                    const HookEnv& env, const std::function<void()>& fn) {
+                    const HookEnv& env, const std::function<void()>& fn, const HookReport& report) {
   HookEnv pre_env = env, post_env = env;
   pre_env.emplace_back("DISKFERRY_HOOK", "pre");
   post_env.emplace_back("DISKFERRY_HOOK", "post");
 
-  std::optional<std::string> pre_failure = run_one("pre", pre, timeout, pre_env);
+  std::optional<std::string> pre_failure = run_one("pre", pre, timeout, pre_env, report);
   std::exception_ptr fn_error;
   if (!pre_failure) {
     try {
@@ -287,7 +297,7 @@ void run_with_hooks(const std::string& pre, const std::string& post, std::chrono
     }
   }
   post_env.emplace_back("DISKFERRY_SNAPSHOT", pre_failure ? "skipped" : fn_error ? "failed" : "ok");
-  std::optional<std::string> post_failure = run_one("post", post, timeout, post_env);
+  std::optional<std::string> post_failure = run_one("post", post, timeout, post_env, report);
 
   std::string also = post_failure ? "; and the " + *post_failure : "";
   if (pre_failure) throw Error(ErrorKind::Input, *pre_failure + also);

@@ -42,9 +42,13 @@ HookResult run_hook(const std::string& command, std::chrono::seconds timeout,
 std::string describe_hook_failure(const char* which, const std::string& command,
                                   std::chrono::seconds timeout, const HookResult& result);
 
+// Told of each hook that ran and succeeded: `pre hook "CMD" ok: OUTPUT` (for the job's log,
+// so an admin sees that the guest really was frozen).
+using HookReport = std::function<void(const std::string&)>;
+
 namespace detail {
 void run_with_hooks(const std::string& pre, const std::string& post, std::chrono::seconds timeout,
-                    const HookEnv& env, const std::function<void()>& fn);
+                    const HookEnv& env, const std::function<void()>& fn, const HookReport& report);
 }
 
 // Runs PRE, then fn (the snapshot), then POST, and returns what fn returned. An empty command is
@@ -57,13 +61,15 @@ void run_with_hooks(const std::string& pre, const std::string& post, std::chrono
 // Hooks see DISKFERRY_HOOK=pre|post, and POST also DISKFERRY_SNAPSHOT=ok|failed|skipped.
 template <class Fn>
 auto with_hooks(const std::string& pre, const std::string& post, std::chrono::seconds timeout,
-                Fn&& fn, const HookEnv& env = {}) {
+                Fn&& fn, const HookEnv& env = {}, const HookReport& report = {}) {
   using R = std::invoke_result_t<Fn&>;
   if constexpr (std::is_void_v<R>) {
-    detail::run_with_hooks(pre, post, timeout, env, [&] { fn(); });
+    detail::run_with_hooks(
+        pre, post, timeout, env, [&] { fn(); }, report);
   } else {
     std::optional<R> result;
-    detail::run_with_hooks(pre, post, timeout, env, [&] { result.emplace(fn()); });
+    detail::run_with_hooks(
+        pre, post, timeout, env, [&] { result.emplace(fn()); }, report);
     return std::move(*result);
   }
 }

@@ -165,7 +165,9 @@ class Daemon(unittest.TestCase):
     # -- tests -----------------------------------------------------------------------------------
     def test_formats_end_to_end(self):
         self.config_sources = {
-            "q": self.source("q", 1, compress="zstd:3"),
+            "q": self.source("q", 1, compress="zstd:3",
+                             hooks='{pre_snapshot: "echo frozen $DISKFERRY_SOURCE", '
+                                   'post_snapshot: "echo thawed"}'),
             "v": self.source("v", 2, format="vhdx"),
             "r": self.source("r", 3, format="raw", compress="gzip:1"),
             "z": self.source("z", 4, compress="qcow2-zstd"),
@@ -202,6 +204,8 @@ class Daemon(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr)
         for kind in ("attempt", "snapshot", "published"):
             self.assertIn(kind, p.stdout)
+        self.assertIn('pre hook "echo frozen $DISKFERRY_SOURCE" ok: frozen q', p.stdout)
+        self.assertIn('post hook "echo thawed" ok: thawed', p.stdout)
         p = self.cli("status")
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
         self.assertEqual(p.stdout.count(" OK "), 4, p.stdout)
@@ -265,6 +269,109 @@ class Daemon(unittest.TestCase):
         self.assert_no_snapshots()
         db = os.path.join(self.state, "diskferry.db")
         self.assertEqual(sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+    def wait_for_partial(self, at_least, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            partials = [f for f in self.remote_files() if f.endswith(".partial")]
+            if partials and os.path.getsize(os.path.join(self.remote_dir, partials[0])) > at_least:
+                return
+            time.sleep(0.1)
+        self.fail("the upload did not start")
+
+    def test_sigterm_stops_at_a_resumable_point(self):
+        self.config_sources = {"t": self.source("t", 11, mib=96)}
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
+        self.cli("enqueue", "t")
+        p = self.daemon(wait=False)
+        self.wait_for_partial(8 * MiB)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        stopped_in = time.monotonic() - t0
+        self.assertEqual(p.returncode, 0, err)
+        self.assertLess(stopped_in, 10, err)
+        (job,) = self.jobs().values()
+        # Not a failure and no attempt spent waiting: it runs again as soon as a daemon does.
+        self.assertEqual(job["state"], "retry_wait", job)
+        self.assertEqual(job["error_class"], "interrupted", job)
+        self.assertTrue(any(f.endswith(".partial") for f in self.remote_files()))
+        self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+        self.assertIn("upload resumed at", self.cli("show", job["id"]).stdout)
+        self.assert_no_snapshots()
+
+    def test_sighup_reloads_the_configuration(self):
+        self.config_sources = {"h1": self.source("h1", 12, mib=8)}
+        self.write_config(self.config_sources)
+        p = self.daemon(wait=False)
+        try:
+            time.sleep(1)
+            self.config_sources["h2"] = self.source("h2", 13, mib=8)
+            self.write_config(self.config_sources)
+            p.send_signal(signal.SIGHUP)
+            time.sleep(1.5)  # the daemon looks at its signals every 200 ms
+            r = self.cli("enqueue", "h2")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            deadline = time.monotonic() + 20
+            while self.jobs()[1]["state"] != "done":
+                if time.monotonic() > deadline:
+                    self.fail(f"h2 was not backed up after SIGHUP: {self.jobs()}")
+                time.sleep(0.2)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            _, err = p.communicate(timeout=30)
+        self.assertIn("configuration reloaded", err)
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+
+    def test_two_daemons_share_the_queue(self):
+        # Two daemons of two workers each on one database: every job runs once, never two at a
+        # time for one source, and a source with an active job is not queued again.
+        self.config_sources = {n: self.source(n, 20 + i, mib=24) for i, n in
+                               enumerate(["s1", "s2", "s3"])}
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 40M\n")
+        self.assertEqual(self.cli("enqueue", "--all").stdout.count("queued job"), 3)
+        ps = [self.daemon("--once", wait=False) for _ in range(2)]
+        time.sleep(0.3)
+        again = self.cli("enqueue", "--all")
+        for p in ps:
+            _, err = p.communicate(timeout=300)
+            self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(again.stdout.count("queued job"), 0, again.stdout)
+        jobs = self.jobs()
+        self.assertEqual(len(jobs), 3, jobs)
+        for j in jobs.values():
+            self.assert_published(j, ["-O", "qcow2"])
+            self.assertEqual(j["attempt"], 1, j)
+            self.assertEqual(self.cli("show", j["id"]).stdout.count("claimed"), 1)
+        db = os.path.join(self.state, "diskferry.db")
+        self.assertEqual(sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+    def test_bad_sources_fail_alone(self):
+        # A vanished source and a directory where an image should be fail at once with the
+        # reason; the good source beside them is backed up.
+        gone = os.path.join(self.images, "gone.img")
+        folder = os.path.join(self.images, "folder.img")
+        os.makedirs(folder, exist_ok=True)
+        self.config_sources = {"good": self.source("good", 30, mib=8),
+                               "gone": {"path": gone, "remote": "box", "snapshot": "none"},
+                               "dir": {"path": folder, "remote": "box", "snapshot": "none"},
+                               "gonesnap": {"path": gone + "2", "remote": "box"}}
+        self.write_config(self.config_sources)
+        self.cli("enqueue", "--all")
+        self.daemon("--once")
+        by_src = {j["source"]: j for j in self.jobs().values()}
+        self.assert_published(by_src["good"], ["-O", "qcow2"])
+        for name, path in (("gone", gone), ("dir", folder), ("gonesnap", gone + "2")):
+            j = by_src[name]
+            self.assertEqual(j["state"], "failed", j)
+            self.assertEqual(j["attempt"], 1, j)  # not retried: retrying cannot help
+            self.assertEqual(j["error_class"], "source", j)
+            self.assertIn(path, j["error"])
+        self.assertEqual(self.remote_files(), sorted([by_src["good"]["remote_path"],
+                                                      by_src["good"]["remote_path"] + ".sha256"]))
 
     def test_permanent_failure_fails_at_once(self):
         other = os.path.join(self.state, "other_kh")
