@@ -3,7 +3,6 @@
 // resumable point, exit. SIGHUP: reload the configuration (running jobs keep the one they
 // started with). --once: work until no job is queued, running or waiting to retry, then exit.
 #include <fmt/format.h>
-#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -20,6 +19,7 @@
 
 #include "config/config.hpp"
 #include "job/job.hpp"
+#include "journal_log.hpp"
 #include "queue/queue.hpp"
 #include "version.hpp"
 
@@ -141,6 +141,10 @@ class Daemon {
                             now_ms());
         if (job) {
           --idle_workers_;
+          LogContext lc{job->id, job->source, {}};
+          if (auto it = e.config->sources.find(job->source); it != e.config->sources.end())
+            lc.remote = it->second.remote;
+          ScopedLogContext scoped(std::move(lc));
           JobState s = run_job(e, *job, owner);
           ++idle_workers_;
           spdlog::info("job {} ({}): {}", job->id, job->source, to_string(s));
@@ -217,9 +221,7 @@ int main(int argc, char** argv) {
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   for (int s : {SIGTERM, SIGINT, SIGHUP}) sigaction(s, &sa, nullptr);
-  spdlog::set_default_logger(spdlog::stderr_logger_mt("diskferryd"));
-  // journald stamps the time itself; a terminal gets it from us.
-  spdlog::set_pattern(std::getenv("JOURNAL_STREAM") ? "%l: %v" : "%Y-%m-%d %H:%M:%S %l: %v");
+  setup_logging("diskferryd");
   try {
     Daemon d(config_path(config), once);
     return d.run();

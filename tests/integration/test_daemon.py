@@ -455,6 +455,60 @@ class Daemon(unittest.TestCase):
             s.close()
         self.assertEqual(p.returncode, 0)
 
+    def test_journal_records_carry_job_fields(self):
+        # Under systemd, stderr is the journal stream (JOURNAL_STREAM=dev:ino of stderr) and the
+        # daemon sends native records to /run/systemd/journal/socket. No journald runs here, so
+        # the test listens on that socket itself and reads the native protocol (KEY=value lines).
+        sock_path = "/run/systemd/journal/socket"
+        if os.path.exists(sock_path):
+            self.skipTest(f"{sock_path} exists: a real journald runs here")
+        made = [d for d in ("/run/systemd", "/run/systemd/journal") if not os.path.exists(d)]
+        for d in made:
+            os.mkdir(d)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(sock_path)
+        s.settimeout(0.5)
+        try:
+            self.config_sources = {"j": self.source("j", 14, mib=8)}
+            self.write_config(self.config_sources)
+            self.cli("enqueue", "j")
+            err_path = os.path.join(self.state, "stderr")
+            with open(err_path, "w") as err:
+                st = os.fstat(err.fileno())
+                env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+                p = subprocess.run([os.path.join(BIN, "diskferryd"), "--config", self.config,
+                                    "--once"], stderr=err, env=env, timeout=120)
+            self.assertEqual(p.returncode, 0)
+            records = []
+            while True:
+                try:
+                    data = s.recv(65536)
+                except socket.timeout:
+                    break
+                records.append(dict(line.split("=", 1) for line in data.decode().splitlines()
+                                    if "=" in line))
+        finally:
+            s.close()
+            os.unlink(sock_path)
+            for d in reversed(made):
+                os.rmdir(d)
+        with open(err_path) as f:
+            self.assertEqual(f.read(), "", "log lines went to stderr instead of the journal")
+        self.assertTrue(records, "no journal records")
+        self.assertTrue(all(r.get("SYSLOG_IDENTIFIER") == "diskferryd" for r in records))
+        job_lines = [r for r in records if r.get("JOB_ID") == "1"]
+        self.assertTrue(any("published" in r["MESSAGE"] for r in job_lines), records)
+        for r in job_lines:
+            self.assertEqual((r["SOURCE"], r["REMOTE"], r["PRIORITY"]), ("j", "box", "6"))
+        started = [r for r in records if "started" in r["MESSAGE"]]
+        self.assertTrue(started and "JOB_ID" not in started[0], records)
+        # No key material in the log.
+        with open(self.server.client_key) as f:
+            key = f.read()
+        body = "".join(r["MESSAGE"] for r in records)
+        for line in key.splitlines()[1:-1]:
+            self.assertNotIn(line, body)
+
     def test_config_errors_name_file_and_line(self):
         self.config = os.path.join(self.state, "bad.yaml")
         with open(self.config, "w") as f:
