@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <mutex>
 #include <random>
@@ -14,6 +15,7 @@
 #include "snapshot/hook.hpp"
 #include "snapshot/snapshot.hpp"
 #include "transport/sftp/channel.hpp"
+#include "transport/sink.hpp"
 #include "util/size.hpp"
 
 namespace diskferry {
@@ -137,6 +139,20 @@ std::optional<std::string> already_published(const sftp::Url& url, const sftp::S
   if (sp != 64) return std::nullopt;
   return text.substr(0, 64);
 }
+
+// Counts the bytes sent to the remote (zeros the sink may turn into holes are not sent).
+class SentCounter final : public FilterSink {
+ public:
+  SentCounter(std::unique_ptr<Sink> inner, std::shared_ptr<std::atomic<uint64_t>> n)
+      : FilterSink(std::move(inner)), n_(std::move(n)) {}
+  void write(Bytes d) override {
+    FilterSink::write(d);
+    n_->fetch_add(d.size(), std::memory_order_relaxed);
+  }
+
+ private:
+  std::shared_ptr<std::atomic<uint64_t>> n_;
+};
 
 std::vector<std::shared_ptr<RateLimiter>> limiters_for(const JobEnv& env, const SourceConf& src) {
   std::vector<std::shared_ptr<RateLimiter>> l;
@@ -266,12 +282,13 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
     o.writer.threads = o.threads;
     o.caller_retries = true;  // the queue retries, with the configured backoff and events
     auto limits = limiters_for(env, src);
-    if (!limits.empty())
-      o.wrap_destination = [limits](std::unique_ptr<Sink> s) {
-        return make_rate_limited_sink(std::move(s), limits);
-      };
+    auto sent = std::make_shared<std::atomic<uint64_t>>(0);
+    o.wrap_destination = [limits, sent](std::unique_ptr<Sink> s) -> std::unique_ptr<Sink> {
+      if (!limits.empty()) s = make_rate_limited_sink(std::move(s), limits);
+      return std::make_unique<SentCounter>(std::move(s), sent);
+    };
     auto last = std::chrono::steady_clock::now();
-    uint64_t last_done = 0;
+    uint64_t last_sent = 0;
     o.on_progress = [&](uint64_t done, std::optional<uint64_t> total, bool writing) {
       if (beat.lost())
         throw Stopped("the job was cancelled or taken over by another worker", false);
@@ -280,11 +297,14 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
                       true);
       auto t = std::chrono::steady_clock::now();
       if (!writing || t - last < std::chrono::seconds(1)) return;
+      // The rate is what goes to the remote (what --bwlimit limits); progress is through the
+      // source, the only total known in advance.
       double secs = std::chrono::duration<double>(t - last).count();
-      auto rate = static_cast<uint64_t>(static_cast<double>(done - last_done) / secs);
+      uint64_t now_sent = sent->load();
+      auto rate = static_cast<uint64_t>(static_cast<double>(now_sent - last_sent) / secs);
       q.progress(job.id, done, total, rate);
       last = t;
-      last_done = done;
+      last_sent = now_sent;
     };
     auto dest = sftp::open_sftp_destination(url, so);
     ConvertResult r = convert(*source, *dest, o);

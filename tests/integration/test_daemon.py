@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -240,19 +241,19 @@ class Daemon(unittest.TestCase):
                                                       job["remote_path"] + ".sha256"]))
 
     def test_kill_9_and_restart_completes_once(self):
-        self.config_sources = {"k": self.source("k", 6, mib=96)}
-        # Slow enough to be killed mid-upload: ~48 MiB of data at 8 MiB/s.
+        self.config_sources = {"k": self.source("k", 6, mib=192)}
+        # Slow enough to be killed mid-upload: 32 MiB of random data at 8 MiB/s.
         self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
         self.cli("enqueue", "k")
         p = self.daemon(wait=False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            partials = [f for f in self.remote_files() if f.endswith(".partial")]
-            if partials and os.path.getsize(os.path.join(self.remote_dir, partials[0])) > 8 * MiB:
-                break
-            time.sleep(0.2)
-        else:
-            self.fail("the upload did not start")
+        self.wait_for_partial(12 * MiB)
+        # While it runs, list shows how far it got and how fast.
+        (job,) = self.jobs().values()
+        self.assertEqual(job["state"], "running", job)
+        self.assertGreater(job["bytes_done"], 0, job)
+        self.assertGreater(job["rate"], 4 * MiB, job)
+        self.assertLess(job["rate"], 12 * MiB, job)  # --bwlimit 8M holds
+        self.assertRegex(self.cli("list").stdout, r"running +1 +\d+% +[\d.]+ MiB/s")
         p.kill()
         p.wait()
         (job,) = self.jobs().values()
@@ -269,6 +270,41 @@ class Daemon(unittest.TestCase):
         self.assert_no_snapshots()
         db = os.path.join(self.state, "diskferry.db")
         self.assertEqual(sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+    def test_kill_9_in_the_hook_and_at_publish(self):
+        # Two more points to die at: inside the pre-snapshot hook (no snapshot yet), and the
+        # moment the final name appears on the remote (between rename, sidecar, retention and
+        # the queue's record). Each time a restarted daemon finishes the job exactly once.
+        marker = os.path.join(self.state, "hook-ran")
+        hooks = f'{{pre_snapshot: "echo x >> {marker}; sleep 3"}}'
+        self.config_sources = {"h": self.source("h", 15, mib=48, hooks=hooks,
+                                                 retention="{keep_last: 1}")}
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 16M\n")
+        self.cli("enqueue", "h")
+        p = self.daemon(wait=False)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(marker):
+            self.assertLess(time.monotonic(), deadline, "the hook did not run")
+            time.sleep(0.05)
+        p.kill()
+        p.wait()
+        p = self.daemon(wait=False)  # the hook runs again (nothing was snapshotted), then uploads
+        deadline = time.monotonic() + 60
+        while not any(f.endswith(".qcow2") for f in self.remote_files()):
+            self.assertLess(time.monotonic(), deadline, "nothing was published")
+            time.sleep(0.01)
+        p.kill()
+        p.wait()
+        self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+        self.assertEqual(self.remote_files(), sorted([job["remote_path"],
+                                                      job["remote_path"] + ".sha256"]))
+        with open(marker) as f:
+            self.assertEqual(len(f.read().split()), 2)  # killed once inside, once it completed
+        show = self.cli("show", job["id"]).stdout
+        self.assertEqual(len(re.findall(r"Z  done ", show)), 1, show)
+        self.assert_no_snapshots()
 
     def wait_for_partial(self, at_least, timeout=30):
         deadline = time.monotonic() + timeout
