@@ -315,6 +315,15 @@ Run add_status(CLI::App& app) {
                    when(last->at), age(now - last->at), last->remote_path);
       else
         fmt::print("{:<16} {:<5} no successful backup yet\n", name, "STALE");
+      // What a monitoring check's reader needs next: why the newest job did not succeed.
+      if (ok) continue;
+      JobFilter f;
+      f.source = name;
+      f.limit = 1;
+      for (const Job& j : q.list(f))
+        if (j.state != JobState::Done)
+          fmt::print("{:<16} {:<5} job {} {}{}{}\n", "", "", j.id, to_string(j.state),
+                     j.error.empty() ? "" : ": ", j.error);
     }
     if (*json) fmt::print("{}\n", a.dump(2));
     return stale ? 2 : 0;

@@ -409,28 +409,51 @@ class Daemon(unittest.TestCase):
         self.assertEqual(self.remote_files(), sorted([by_src["good"]["remote_path"],
                                                       by_src["good"]["remote_path"] + ".sha256"]))
 
-    def test_permanent_failure_fails_at_once(self):
-        other = os.path.join(self.state, "other_kh")
-        with open(other, "w") as f:
-            f.write("")  # unknown host key: never accepted by the daemon
-        self.config_sources = {"p": self.source("p", 7)}
-        self.write_config(self.config_sources)
-        with open(self.config) as f:
-            text = f.read()
-        import re
-        text = re.sub(r"known_hosts: .*", f"known_hosts: {other}", text)
+    def test_permanent_failures_fail_at_once(self):
+        # An unknown host key, a key the server refuses, a directory we may not write: each
+        # fails the job on its first attempt with its class, and nothing is left behind.
+        empty_kh = os.path.join(self.state, "empty_kh")
+        open(empty_kh, "w").close()
+        stranger = os.path.join(self.state, "stranger")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger],
+                       check=True)
+        locked = os.path.join(self.server.backups, "locked")  # root's, mode 0755
+        os.makedirs(locked, exist_ok=True)
+        os.chmod(locked, 0o755)
+        self.write_config({})
+        kh = os.path.join(self.state, f"kh-{self.server.port}")
+        base = f"sftp://{self.server.user}@127.0.0.1:{self.server.port}"
+        remotes = {"hk": (f"{base}/backups/x", self.server.client_key, empty_kh),
+                   "auth": (f"{base}/backups/x", stranger, kh),
+                   "perm": (f"{base}/backups/locked/x", self.server.client_key, kh)}
+        text = f"state_dir: {self.state}\nremotes:\n"
+        for name, (url, key, known) in remotes.items():
+            text += f"  {name}:\n    url: {url}\n    identity: {key}\n    known_hosts: {known}\n"
+        text += "sources:\n"
+        self.config_sources = {}
+        for i, name in enumerate(remotes):
+            src = self.source(name, 40 + i, mib=8)
+            src["remote"] = name
+            self.config_sources[name] = src
+            text += f"  {name}:\n" + "".join(f"    {k}: {v}\n" for k, v in src.items())
         with open(self.config, "w") as f:
             f.write(text)
-        self.cli("enqueue", "p")
+        self.cli("enqueue", "--all")
+        t0 = time.monotonic()
         self.daemon("--once")
-        (job,) = self.jobs().values()
-        self.assertEqual(job["state"], "failed")
-        self.assertEqual(job["attempt"], 1)
-        self.assertEqual(job["error_class"], "host-key")
-        self.assertIn("unknown host key", job["error"])
+        self.assertLess(time.monotonic() - t0, 20)  # no backoff waits (1s..2s each) for these
+        by_src = {j["source"]: j for j in self.jobs().values()}
+        want = {"hk": ("host-key", "unknown host key"), "auth": ("auth", "refused"),
+                "perm": ("permission", "permission denied")}
+        for name, (cls, text) in want.items():
+            j = by_src[name]
+            self.assertEqual((j["state"], j["attempt"], j["error_class"]), ("failed", 1, cls), j)
+            self.assertIn(text, j["error"].lower(), j)
+        self.assertEqual(os.listdir(locked), [])
         self.assert_no_snapshots()
         p = self.cli("status")
         self.assertEqual(p.returncode, 2, p.stdout)
+        self.assertEqual(p.stdout.count("STALE"), 3, p.stdout)
 
     def test_retention_keeps_foreign_files(self):
         self.config_sources = {"w": self.source("w", 8, format="raw",
