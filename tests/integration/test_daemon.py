@@ -306,6 +306,28 @@ class Daemon(unittest.TestCase):
         self.assertEqual(len(re.findall(r"Z  done ", show)), 1, show)
         self.assert_no_snapshots()
 
+    def test_full_snapshot_filesystem_fails_that_job_alone(self):
+        with xfs_loop.XfsLoop(size_mib=300) as full:
+            img = os.path.join(full.mountpoint, "vm.img")
+            make_image(img, 32, 16)
+            subprocess.run(["dd", "if=/dev/zero", f"of={os.path.join(full.mountpoint, 'fill')}",
+                            "bs=1M", "status=none"], stderr=subprocess.DEVNULL,
+                           check=False)  # until ENOSPC
+            self.config_sources = {"full": {"path": img, "remote": "box"},
+                                   "fine": self.source("fine", 17, mib=8)}
+            self.write_config(self.config_sources)
+            self.cli("enqueue", "--all")
+            self.daemon("--once")
+            by_src = {j["source"]: j for j in self.jobs().values()}
+            self.assert_published(by_src["fine"], ["-O", "qcow2"])
+            j = by_src["full"]
+            self.assertEqual(j["state"], "failed", j)
+            self.assertIn("no space left for a snapshot of " + img, j["error"])
+            self.assertIn(".diskferry-snapshots", j["error"])
+            snaps = os.path.join(full.mountpoint, ".diskferry-snapshots")
+            self.assertEqual(os.listdir(snaps) if os.path.isdir(snaps) else [], [])
+            self.assertIn("no space left", self.cli("show", j["id"]).stdout)
+
     def wait_for_partial(self, at_least, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
