@@ -16,6 +16,9 @@ PACKAGES=(
   openssh-server openssh-client xfsprogs sqlite3 time util-linux
   # SFTP servers the integration tests run on 127.0.0.1
   proftpd-core proftpd-mod-crypto rclone
+  # packaging and operations: cpack -G DEB (dpkg-shlibdeps, file), systemd-analyze verify and
+  # security on the units, node_exporter reading the textfile metrics
+  dpkg-dev file systemd prometheus-node-exporter
 )
 
 missing=()
@@ -27,8 +30,8 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The server packages enable system-wide daemons (ports 21, 22); tests start their own.
-  for s in proftpd ssh; do
+  # The server packages enable system-wide daemons (ports 21, 22, 9100); tests start their own.
+  for s in proftpd ssh prometheus-node-exporter; do
     if [[ -x /etc/init.d/$s ]]; then /etc/init.d/$s stop >/dev/null 2>&1 || true; fi
     update-rc.d "$s" disable >/dev/null 2>&1 || true
     if command -v systemctl >/dev/null; then systemctl disable --now "$s" >/dev/null 2>&1 || true; fi
