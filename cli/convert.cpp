@@ -24,14 +24,17 @@ struct ImageArgs {
   std::string block_size = "32M";
   std::string compress = "none";
   std::string layout;
+  std::string source_format;
   int threads = 0;
   bool progress = false, no_progress = false;
 
   void add(CLI::App& c) {
     c.add_option("SOURCE", source,
-                 "Raw image file or block device, gzip/zstd-compressed raw image (detected by its "
-                 "magic bytes), or - for stdin")
+                 "Raw or qcow2 image file or block device (qcow2 with its backing chain), "
+                 "gzip/zstd-compressed raw image (detected by their magic bytes), or - for stdin")
         ->required();
+    c.add_option("--source-format", source_format,
+                 "Read SOURCE as raw or qcow2 instead of detecting it by its magic bytes");
     c.add_option("-O,--format", format, "Output format: qcow2, vhdx or raw")->required();
     c.add_option("--cluster-size", cluster_size,
                  "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
@@ -83,6 +86,8 @@ struct ImageArgs {
 
   std::unique_ptr<Source> open() const {
     SourceOptions so;
+    if (!source_format.empty()) so.format = parse_source_format(source_format);
+    so.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);
       so.layout_name = layout;

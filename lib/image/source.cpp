@@ -11,6 +11,8 @@
 #include <cstring>
 
 #include "codec/decode.hpp"
+#include "image/qcow2_header.hpp"
+#include "image/qcow2_source.hpp"
 #include "util/fd.hpp"
 
 namespace diskferry {
@@ -239,6 +241,43 @@ class StreamSource final : public Source {
   SourceOptions opts_;
 };
 
+// A reader whose first bytes were taken off to look at them: hands them out first.
+class PeekedReader final : public ByteReader {
+ public:
+  PeekedReader(std::unique_ptr<ByteReader> inner, std::vector<std::byte> head)
+      : inner_(std::move(inner)), head_(std::move(head)) {}
+  size_t read(MutableBytes buf) override {
+    size_t n = std::min(buf.size(), head_.size() - pos_);
+    std::memcpy(buf.data(), head_.data() + pos_, n);
+    pos_ += n;
+    if (n < buf.size() && pos_ == head_.size()) n += inner_->read(buf.subspan(n));
+    return n;
+  }
+  uint64_t consumed() const override { return inner_->consumed(); }
+
+ private:
+  std::unique_ptr<ByteReader> inner_;
+  std::vector<std::byte> head_;
+  size_t pos_ = 0;
+};
+
+// A stream (stdin, a pipe, a .gz/.zst file) is read front to back; a qcow2 image inside one
+// cannot be, since its tables point anywhere. Refused here, before any output is made.
+std::unique_ptr<ByteReader> refuse_qcow2_stream(std::unique_ptr<ByteReader> r,
+                                                const std::string& name, SourceCompression c,
+                                                const SourceOptions& opts) {
+  if (opts.format == SourceFormat::Raw) return r;
+  std::vector<std::byte> head(4);
+  head.resize(r->read(head));
+  if (opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head))
+    throw Error(ErrorKind::Input,
+                fmt::format("{}: a qcow2 image{} cannot be read as a stream: its tables point "
+                            "anywhere in the file, so it needs random access; give the "
+                            "uncompressed image file itself",
+                            name, c == SourceCompression::None ? "" : " inside a compressed file"));
+  return std::make_unique<PeekedReader>(std::move(r), std::move(head));
+}
+
 std::vector<Extent> normalise(std::vector<Extent> v) {
   std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.offset < b.offset; });
   std::vector<Extent> out;
@@ -254,6 +293,12 @@ std::vector<Extent> normalise(std::vector<Extent> v) {
 
 }  // namespace
 
+SourceFormat parse_source_format(const std::string& s) {
+  if (s == "raw") return SourceFormat::Raw;
+  if (s == "qcow2") return SourceFormat::Qcow2;
+  throw Error(ErrorKind::Usage, fmt::format("--source-format '{}': expected raw or qcow2", s));
+}
+
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
   SourceOptions opts = options;
   if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
@@ -265,6 +310,7 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
     SourceCompression c = detect_compression(head);
     auto reader =
         make_decoder(c, make_fd_reader(UniqueFd(::dup(STDIN_FILENO)), "stdin", head), "stdin");
+    reader = refuse_qcow2_stream(std::move(reader), "stdin", c, opts);
     return std::make_unique<StreamSource>("stdin", c, std::nullopt, std::move(reader), false,
                                           std::move(opts));
   }
@@ -286,6 +332,7 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
     head.resize(read_some(fd.get(), head, path));
     SourceCompression c = detect_compression(head);
     auto reader = make_decoder(c, make_fd_reader(std::move(fd), path, head), path);
+    reader = refuse_qcow2_stream(std::move(reader), path, c, opts);
     return std::make_unique<StreamSource>(path, c, std::nullopt, std::move(reader), false,
                                           std::move(opts));
   }
@@ -293,8 +340,13 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
   std::vector<std::byte> head(4);
   head.resize(pread_some(fd.get(), head, 0, path));
   SourceCompression c = detect_compression(head);
+  bool qcow2 = opts.format == SourceFormat::Qcow2 ||
+               (opts.format == SourceFormat::Auto && is_qcow2_magic(head));
+  if (qcow2 && c == SourceCompression::None) return open_qcow2_source(std::move(fd), path, opts);
   if (c == SourceCompression::None)
     return std::make_unique<RawFileSource>(path, size, std::move(opts));
+  // Each pass decompresses the file again; look at the first decompressed bytes now.
+  refuse_qcow2_stream(make_decoder(c, make_fd_reader(std::move(fd), path), path), path, c, opts);
   return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -53,14 +54,25 @@ class Source {
 
 enum class SourceCompression { None, Gzip, Zstd };
 
+// What the (decompressed) bytes are. Auto: qcow2 when they start with its magic, else raw.
+enum class SourceFormat { Auto, Raw, Qcow2 };
+
 struct SourceOptions {
   // Ranges to read (from an rbd diff layout file); everything else reads as zero.
   std::optional<std::vector<Extent>> layout;
   std::string layout_name;  // the layout file, for error messages
+  SourceFormat format = SourceFormat::Auto;
+  // Told about oddities that do not stop the read (a dirty qcow2 image), one line each without
+  // a trailing newline; default: silent.
+  std::function<void(const std::string&)> on_warning;
 };
 
-// PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name.
-// Throws Error(Input) naming the path and the cause.
+// "raw" or "qcow2" (as --source-format takes it). Throws Error(Usage) otherwise.
+SourceFormat parse_source_format(const std::string& s);
+
+// PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name, and so is
+// qcow2 (which must be a file or block device: it is read at random offsets).
+// Throws Error(Input|Format) naming the path and the cause.
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options = {});
 
 // The virtual size the images describe: rounded up to whole 512-byte sectors, as qemu-img does.
