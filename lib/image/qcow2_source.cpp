@@ -36,7 +36,10 @@ struct LayerCursor {
   std::vector<std::byte> cluster;     // the inflated cluster `cached_cluster`
   std::vector<std::byte> compressed;  // its compressed bytes
   std::unique_ptr<ClusterDecompressor> decompressor;
-  size_t l1_scan = 0;  // no allocated L1 entry below this index (at or after the pass position)
+  // The last data search: from scan_from, the first standard or compressed cluster.
+  bool scanned = false;
+  uint64_t scan_from = 0;
+  std::optional<uint64_t> next_data;
   // Raw layers: the data extent SEEK_DATA/SEEK_HOLE last reported.
   bool seek_map = true;
   uint64_t data_start = 0, hole_start = 0;
@@ -89,15 +92,36 @@ class Qcow2Pass final : public Pass {
     return best;
   }
 
+  // The first offset >= pos where layer i itself stores data (a standard or compressed
+  // cluster). Zero and unallocated clusters are skipped here: what shows through them is the
+  // lower layers' business, and their own candidates cover it. Scanning whole L2 tables keeps
+  // the work per pass linear in the tables, however many units read as zeros.
   std::optional<uint64_t> qcow2_candidate(size_t i, uint64_t pos) {
     const ChainLayer& l = chain_[i];
-    const uint64_t cov = l.qcow2->l1_coverage();
+    const Qcow2Header& h = *l.qcow2;
+    const uint64_t cov = h.l1_coverage();
+    const uint64_t per_table = uint64_t{1} << h.l2_bits();
     LayerCursor& c = cursors_[i];
-    size_t j = std::max<size_t>(c.l1_scan, static_cast<size_t>(pos / cov));
-    while (j < l.l1.size() && !(l.l1[j] & kOffsetMask)) ++j;
-    c.l1_scan = j;
-    if (j >= l.l1.size()) return std::nullopt;
-    return std::max<uint64_t>(pos, uint64_t{j} * cov);
+    // The answer holds for every pos from where it was asked up to the data found.
+    if (c.scanned && pos >= c.scan_from && (!c.next_data || pos <= *c.next_data))
+      return c.next_data ? std::optional(std::max(pos, *c.next_data)) : std::nullopt;
+    c.scanned = true;
+    c.scan_from = pos;
+    c.next_data.reset();
+    const uint64_t limit = limits_[i];  // nothing of layer i shows at or beyond this
+    for (uint64_t j = pos / cov; j < l.l1.size() && j * cov < limit; ++j) {
+      if (!(l.l1[j] & kOffsetMask)) continue;
+      uint64_t first = std::max(pos, j * cov) >> h.cluster_bits;
+      uint64_t last = std::min((j + 1) * per_table, div_round_up(limit, h.cluster_size()));
+      for (uint64_t cl = first; cl < last; ++cl) {
+        Kind k = classify(l2_entry(i, cl));
+        if (k == Kind::Data || k == Kind::Compressed) {
+          c.next_data = std::max(pos, cl << h.cluster_bits);
+          return c.next_data;
+        }
+      }
+    }
+    return std::nullopt;
   }
 
   std::optional<uint64_t> raw_data_at_or_after(size_t i, uint64_t pos) {
