@@ -19,6 +19,7 @@
 
 #include "config/config.hpp"
 #include "job/job.hpp"
+#include "job/metrics.hpp"
 #include "journal_log.hpp"
 #include "queue/queue.hpp"
 #include "version.hpp"
@@ -59,6 +60,7 @@ class Daemon {
     load();
     queue_ = std::make_unique<Queue>(default_db_path(cfg_->state_dir));
     release_dead_workers();
+    write_metrics();
   }
 
   int run() {
@@ -109,8 +111,19 @@ class Daemon {
     try {
       load();
       spdlog::info("{}: configuration reloaded", file_);
+      write_metrics();
     } catch (const Error& e) {
       spdlog::error("reload refused, keeping the running configuration: {}", e.what());
+    }
+  }
+
+  // Every configured source and remote in the metrics file from the start (and after a reload),
+  // before any job has run; each job updates it when it ends (lib/job).
+  void write_metrics() {
+    try {
+      update_metrics(*env().config, *queue_, nullptr);
+    } catch (const Error& e) {
+      spdlog::warn("metrics: {}", e.what());
     }
   }
 

@@ -586,6 +586,18 @@ Hooks read_hooks(const Doc& d, const Value& v) {
   return h;
 }
 
+// `base`: what is in force where this mapping has no key (the global notify: for a source). An
+// empty command turns off one that `base` has.
+Notify read_notify(const Doc& d, const Value& v, const Notify& base) {
+  MapReader m(d, v, {"on_success", "on_failure", "timeout"},
+              "a mapping such as {on_failure: \"...\", on_success: \"...\"}");
+  Notify n = base;
+  if (auto c = m.get("on_success")) n.on_success = c->scalar("a shell command (\"\" for none)");
+  if (auto c = m.get("on_failure")) n.on_failure = c->scalar("a shell command (\"\" for none)");
+  if (auto t = m.get("timeout")) n.timeout = duration(*t, seconds(1), seconds(3600));
+  return n;
+}
+
 // Everything a template must give so that every backup gets a name of its own, below the
 // remote's directory, that retention can recognise. Throws Error(Usage) with the reason; adds
 // what is merely risky to `warnings`.
@@ -632,12 +644,12 @@ void check_template(const SourceConf& s, std::vector<std::string>& warnings) {
 }
 
 // name_line: where the name template is (or the source, for the default), for later checks.
-SourceConf read_source(const Doc& d, const Entry& e,
-                       const std::map<std::string, RemoteConf>& remotes,
+SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
                        std::vector<std::string>& warnings, int& name_line) {
+  const std::map<std::string, RemoteConf>& remotes = conf.remotes;
   MapReader m(d, e.value,
               {"path", "snapshot", "snapshot_dir", "format", "compress", "remote", "name",
-               "retention", "retries", "hooks"},
+               "retention", "retries", "hooks", "notify"},
               "the source's settings (path, remote, ...)");
   SourceConf s;
   s.name = e.name;
@@ -719,6 +731,8 @@ SourceConf read_source(const Doc& d, const Entry& e,
   if (auto v = m.get("retention")) s.retention = read_retention(d, *v);
   if (auto v = m.get("retries")) s.retries = read_retries(d, *v);
   if (auto v = m.get("hooks")) s.hooks = read_hooks(d, *v);
+  s.notify = conf.notify;
+  if (auto v = m.get("notify")) s.notify = read_notify(d, *v, conf.notify);
   return s;
 }
 
@@ -755,7 +769,8 @@ Config build(const Doc& d, const YAML::Node& root) {
   c.path = d.file;
   Value top{&d, root, "", 1};
   MapReader m(d, top,
-              {"state_dir", "workers", "bwlimit", "lease", "stall_timeout", "remotes", "sources"},
+              {"state_dir", "workers", "bwlimit", "lease", "stall_timeout", "metrics_dir", "notify",
+               "remotes", "sources"},
               "a mapping of settings (state_dir, remotes, sources, ...)");
   c.state_dir = "/var/lib/diskferry";
   if (auto v = m.get("state_dir")) c.state_dir = path_value(*v);
@@ -763,6 +778,8 @@ Config build(const Doc& d, const YAML::Node& root) {
   if (auto v = m.get("bwlimit")) c.bwlimit = rate_value(*v);
   if (auto v = m.get("lease")) c.lease = duration(*v, seconds(10), seconds(86400));
   if (auto v = m.get("stall_timeout")) c.stall_timeout = duration(*v, seconds(1), seconds(3600));
+  if (auto v = m.get("metrics_dir")) c.metrics_dir = path_value(*v);
+  if (auto v = m.get("notify")) c.notify = read_notify(d, *v, Notify{});
 
   if (auto v = m.get("remotes")) {
     for (const Entry& e :
@@ -777,7 +794,7 @@ Config build(const Doc& d, const YAML::Node& root) {
          entries(d, v->node, v->key, v->line, "a mapping of source names to their settings")) {
       check_name(d, e, "source");
       int name_line = 0;
-      SourceConf s = read_source(d, e, c.remotes, c.warnings, name_line);
+      SourceConf s = read_source(d, e, c, c.warnings, name_line);
       name_lines[e.name] = name_line;
       c.sources.emplace(e.name, std::move(s));
     }

@@ -46,6 +46,13 @@ struct Hooks {
   std::chrono::seconds timeout{60};
 };
 
+// Commands run after a job ends (done, or failed for good), e.g. to send mail or call a webhook;
+// they see the job's facts in DISKFERRY_* variables. Their failure never changes the job's.
+struct Notify {
+  std::string on_success, on_failure;  // shell commands; empty: none
+  std::chrono::seconds timeout{60};
+};
+
 struct SourceConf {
   std::string name;    // [A-Za-z0-9._-]+, not starting with '.'
   std::string origin;  // "FILE:LINE" of its definition
@@ -60,6 +67,7 @@ struct SourceConf {
   Retention retention;
   Retries retries;
   Hooks hooks;
+  Notify notify;  // the source's own keys over the global notify: (a "" there turns one off)
 };
 
 struct Config {
@@ -69,6 +77,9 @@ struct Config {
   RateSchedule bwlimit;   // shared by all jobs; unlimited unless set
   std::chrono::seconds lease{60};
   std::chrono::seconds stall_timeout{60};
+  // node_exporter textfile collector directory for diskferry.prom (absolute); empty: none.
+  std::string metrics_dir;
+  Notify notify;  // the global one; each source has its resolved copy
   std::map<std::string, RemoteConf> remotes;
   std::map<std::string, SourceConf> sources;
   // Not fatal but worth logging at start-up, e.g. a config file others may write to.

@@ -11,6 +11,8 @@
 #include <thread>
 
 #include "image/source.hpp"
+#include "job/metrics.hpp"
+#include "job/notify.hpp"
 #include "pipeline/convert.hpp"
 #include "snapshot/hook.hpp"
 #include "snapshot/snapshot.hpp"
@@ -122,13 +124,22 @@ class Heartbeat {
   std::thread t_;
 };
 
+struct Published {
+  std::string sha256;
+  uint64_t size = 0;
+};
+
 // A file NAME and its NAME.sha256 both on the remote: an earlier attempt published it (the
-// daemon died before it could record that). Returns the checksum from the sidecar.
-std::optional<std::string> already_published(const sftp::Url& url, const sftp::SinkOptions& so) {
+// daemon died before it could record that). Returns the checksum from the sidecar. `reached`:
+// set once logged in.
+std::optional<Published> already_published(const sftp::Url& url, const sftp::SinkOptions& so,
+                                           std::optional<bool>& reached) {
   sftp::SshSession session(url, so.ssh);
   sftp::Channel ch(session, so.stall_timeout);
+  reached = true;
   std::string path = url.remote_path();
-  if (!ch.stat(path)) return std::nullopt;
+  auto attrs = ch.stat(path);
+  if (!attrs) return std::nullopt;
   std::string side = fmt::format("{}.sha256", path);
   if (!ch.stat(side)) return std::nullopt;
   std::string h = ch.open(side, sftp::kOpenRead);
@@ -137,7 +148,7 @@ std::optional<std::string> already_published(const sftp::Url& url, const sftp::S
   std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
   auto sp = text.find(' ');
   if (sp != 64) return std::nullopt;
-  return text.substr(0, 64);
+  return Published{text.substr(0, 64), attrs->size.value_or(0)};
 }
 
 // Counts the bytes sent to the remote (zeros the sink may turn into holes are not sent).
@@ -195,7 +206,10 @@ std::chrono::milliseconds retry_backoff(const Retries& r, int attempt) {
   return std::max(lo, milliseconds(jitter(rng)));
 }
 
-JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
+namespace {
+
+// One attempt; fills `r` in as it goes (run_job reports it once the attempt has ended).
+JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, JobReport& r) {
   Queue& q = *env.queue;
   const Config& cfg = *env.config;
   auto log = [&](const std::string& m) {
@@ -205,9 +219,12 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
   if (src_it == cfg.sources.end()) {
     std::string why = fmt::format("source {} is no longer in {}", job.source, cfg.path);
     log(why);
+    r.error = why;
+    r.error_class = "config";
     return q.finish_failed(job.id, owner, why, "config");
   }
   const SourceConf& src = src_it->second;
+  r.remote = src.remote;
   const RemoteConf& rem = cfg.remotes.at(src.remote);
   sftp::SinkOptions so = sink_options(cfg, rem);
   so.keep_partial = so.adopt_partial = true;
@@ -229,6 +246,8 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
     q.set_remote_path(job.id, rel);
   }
   sftp::Url url = backup_url(rem, rel);
+  r.remote_path = rel;
+  r.url = url.str();
   q.event(job.id, "attempt",
           fmt::format("attempt {} of {}: {} to {}", job.attempt, src.retries.max_attempts, src.path,
                       url.str()));
@@ -244,12 +263,15 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
     }
   };
 
+  auto sent = std::make_shared<std::atomic<uint64_t>>(0);
   try {
-    if (auto sha = already_published(url, so)) {
+    if (auto pub = already_published(url, so, r.remote_reached)) {
       q.event(job.id, "published",
               fmt::format("{} was already published by an earlier attempt", url.str()));
       drop_snapshot();
-      q.finish_done(job.id, owner, *sha, rel);
+      q.finish_done(job.id, owner, pub->sha256, rel);
+      r.sha256 = pub->sha256;
+      r.bytes_on_remote = pub->size;
       return JobState::Done;
     }
     std::string input = src.path;
@@ -282,7 +304,6 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
     o.writer.threads = o.threads;
     o.caller_retries = true;  // the queue retries, with the configured backoff and events
     auto limits = limiters_for(env, src);
-    auto sent = std::make_shared<std::atomic<uint64_t>>(0);
     o.wrap_destination = [limits, sent](std::unique_ptr<Sink> s) -> std::unique_ptr<Sink> {
       if (!limits.empty()) s = make_rate_limited_sink(std::move(s), limits);
       return std::make_unique<SentCounter>(std::move(s), sent);
@@ -307,10 +328,13 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
       last_sent = now_sent;
     };
     auto dest = sftp::open_sftp_destination(url, so);
-    ConvertResult r = convert(*source, *dest, o);
+    ConvertResult c = convert(*source, *dest, o);
+    r.bytes_sent = sent->load();
+    r.sha256 = c.sha256;
+    r.bytes_on_remote = c.output_bytes;
     q.event(job.id, "published",
-            fmt::format("{} ({}, sha256 {})", url.str(), format_size(r.output_bytes), r.sha256));
-    log(fmt::format("published {} ({})", url.str(), format_size(r.output_bytes)));
+            fmt::format("{} ({}, sha256 {})", url.str(), format_size(c.output_bytes), c.sha256));
+    log(fmt::format("published {} ({})", url.str(), format_size(c.output_bytes)));
     try {
       PruneResult p = prune_source(cfg, src, false);
       for (auto& name : p.removed) q.event(job.id, "pruned", name);
@@ -319,12 +343,16 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
       q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
     }
     drop_snapshot();
-    q.finish_done(job.id, owner, r.sha256, rel);
+    q.finish_done(job.id, owner, c.sha256, rel);
     return JobState::Done;
   } catch (const LeaseLost&) {
     return JobState::Running;
   } catch (const Error& e) {
     auto* stopped = dynamic_cast<const Stopped*>(&e);
+    r.bytes_sent = sent->load();
+    // It failed before logging in: the remote was not reached, unless it refused what we asked.
+    if (!r.remote_reached)
+      r.remote_reached = !e.transient() && !dynamic_cast<const sftp::ConnectError*>(&e);
     if (beat.lost()) {
       auto j = q.get(job.id);
       if (!j || !j->cancel_requested) return JobState::Running;  // another worker has it
@@ -338,6 +366,8 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
       return JobState::Cancelled;
     }
     std::string cls = stopped ? "interrupted" : error_class(e);
+    r.error = e.what();
+    r.error_class = cls;
     log(e.what());
     bool retry = (stopped && stopped->resumable()) ||
                  (e.transient() && job.attempt < src.retries.max_attempts);
@@ -354,6 +384,50 @@ JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
     drop_snapshot();
     return q.finish_failed(job.id, owner, e.what(), cls);
   }
+}
+
+// Metrics and notify commands once an attempt has ended. Neither may change the job: failures
+// are warnings in its events and the log.
+void report(const JobEnv& env, const Job& job, const JobReport& r) {
+  Queue& q = *env.queue;
+  auto warn = [&](const std::string& m) {
+    if (env.log) env.log(fmt::format("job {} ({}): warning: {}", job.id, job.source, m));
+    try {
+      q.event(job.id, "warning", m);
+    } catch (const Error&) {
+    }
+  };
+  try {
+    update_metrics(*env.config, q, &r);
+  } catch (const Error& e) {
+    warn(fmt::format("metrics: {}", e.what()));
+  }
+  auto src = env.config->sources.find(job.source);
+  if (src == env.config->sources.end()) return;
+  if (auto n = run_notify(src->second.notify, r)) {
+    if (!n->ok) return warn(n->message);
+    if (env.log) env.log(fmt::format("job {} ({}): {}", job.id, job.source, n->message));
+    try {
+      q.event(job.id, "notify", n->message);
+    } catch (const Error&) {
+    }
+  }
+}
+
+}  // namespace
+
+JobState run_job(const JobEnv& env, const Job& job, const std::string& owner) {
+  JobReport r;
+  r.job_id = job.id;
+  r.source = job.source;
+  r.attempt = job.attempt;
+  auto t0 = std::chrono::steady_clock::now();
+  r.state = attempt(env, job, owner, r);
+  r.ended = now_ms();
+  r.duration =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+  if (r.state != JobState::Running) report(env, job, r);
+  return r.state;
 }
 
 PruneResult prune_source(const Config& cfg, const SourceConf& src, bool dry_run) {

@@ -226,6 +226,10 @@ TEST_CASE("config: defaults of an empty file, and the shipped example is valid")
   CHECK(e.sources.at("web01").hooks.pre_snapshot == "virsh domfsfreeze web01");
   CHECK(e.sources.at("db01").retention.keep_daily == 14);
   CHECK(e.remotes.at("storagebox").streams == 4);
+  CHECK(e.metrics_dir == "/var/lib/prometheus/node-exporter");
+  CHECK(!e.notify.on_failure.empty());
+  CHECK(e.sources.at("db01").notify.on_failure == e.notify.on_failure);
+  CHECK(!e.sources.at("db01").notify.on_success.empty());
 }
 
 TEST_CASE("config: a reference to an unknown remote names the ones defined") {
@@ -245,7 +249,7 @@ TEST_CASE("config: unknown keys are refused, with the likely key when one is clo
   CHECK(error_of("workers: 1\nKnown-Hosts: /x\n") ==
         kFile +
             ":2: Known-Hosts: unknown key (expected one of: state_dir, workers, bwlimit, lease, "
-            "stall_timeout, remotes, sources)");
+            "stall_timeout, metrics_dir, notify, remotes, sources)");
   CHECK(error_of(source("    hooks:\n      timeout: 5s\n      pre: x\n")) ==
         kFile +
             ":10: sources.web01.hooks.pre: unknown key (expected one of: pre_snapshot, "
@@ -532,4 +536,63 @@ TEST_CASE("config: load_config reports unreadable files and warns about writable
                        ": writable by everyone (mode 0666): anyone can change the hooks, which run "
                        "as commands; chmod o-w";
   CHECK(warned);
+}
+
+TEST_CASE("config: notify commands, global and per source (the source's keys win)") {
+  Config c = parse(R"(notify:
+  on_failure: "mail -s failed root"
+  on_success: "curl -fsS https://hc.example/ping"
+  timeout: 30s
+remotes:
+  box:
+    url: sftp://u@h/x
+sources:
+  a:
+    path: /a.img
+    remote: box
+  b:
+    path: /b.img
+    remote: box
+    notify: {on_success: "", on_failure: "ntfy publish ops \"$DISKFERRY_SOURCE\""}
+  c:
+    path: /c.img
+    remote: box
+    notify:
+      timeout: 5s
+)");
+  CHECK(c.notify.on_failure == "mail -s failed root");
+  CHECK(c.notify.timeout == 30s);
+  const Notify& a = c.sources.at("a").notify;
+  CHECK(a.on_failure == "mail -s failed root");
+  CHECK(a.on_success == "curl -fsS https://hc.example/ping");
+  CHECK(a.timeout == 30s);
+  const Notify& b = c.sources.at("b").notify;
+  CHECK(b.on_success.empty());  // "" turns the global one off for this source
+  CHECK(b.on_failure == "ntfy publish ops \"$DISKFERRY_SOURCE\"");
+  CHECK(b.timeout == 30s);
+  const Notify& n = c.sources.at("c").notify;
+  CHECK(n.on_failure == "mail -s failed root");
+  CHECK(n.timeout == 5s);
+  // None anywhere: nothing runs.
+  Config none = parse(source(""));
+  CHECK(none.sources.at("web01").notify.on_failure.empty());
+  CHECK(none.sources.at("web01").notify.on_success.empty());
+  CHECK(none.metrics_dir.empty());
+}
+
+TEST_CASE("config: notify and metrics_dir mistakes name the line and key") {
+  CHECK(error_of(source("    notify: {on_failur: x}\n")) ==
+        kFile + ":8: sources.web01.notify.on_failur: unknown key (did you mean on_failure?)");
+  CHECK(error_of("notify:\n  on_success: [a, b]\n") ==
+        kFile + ":2: notify.on_success: expected a shell command (\"\" for none), got a list");
+  CHECK(error_of("notify: {timeout: 2h}\n") ==
+        kFile + ":1: notify.timeout: 2h is out of range (1s to 1h)");
+  CHECK(error_of("notify: mail\n") ==
+        kFile +
+            ":1: notify: expected a mapping such as {on_failure: \"...\", on_success: \"...\"}, "
+            "got \"mail\"");
+  CHECK(error_of("metrics_dir: ~/prom\n") ==
+        kFile + ":1: metrics_dir: \"~/prom\": ~ is not expanded here; give the full path");
+  // Relative to the configuration's directory, like every path.
+  CHECK(parse("metrics_dir: prom/\n").metrics_dir == "/etc/diskferry/prom");
 }
