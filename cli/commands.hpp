@@ -20,5 +20,8 @@ Run add_retry(CLI::App& app);
 Run add_prune(CLI::App& app);
 Run add_check_config(CLI::App& app);
 Run add_status(CLI::App& app);
+// What is on a remote (verify.cpp).
+Run add_verify(CLI::App& app);
+Run add_ls(CLI::App& app);
 
 }  // namespace diskferry::cli

@@ -29,6 +29,8 @@ int main(int argc, char** argv) {
   cmds.emplace_back("prune", diskferry::cli::add_prune(app));
   cmds.emplace_back("check-config", diskferry::cli::add_check_config(app));
   cmds.emplace_back("status", diskferry::cli::add_status(app));
+  cmds.emplace_back("verify", diskferry::cli::add_verify(app));
+  cmds.emplace_back("ls", diskferry::cli::add_ls(app));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -14,9 +14,28 @@
 
 namespace diskferry::cli {
 
+// How to log in and check the host: every command that talks to a remote.
+struct SshArgs {
+  std::string identity, known_hosts, ssh_config;
+
+  void add(CLI::App& c) {
+    c.add_option("--identity", identity,
+                 "SSH private key for sftp:// (must not be readable by group/others); default: "
+                 "ssh-agent, then ~/.ssh/id_*");
+    c.add_option("--known-hosts", known_hosts, "known_hosts file (default ~/.ssh/known_hosts)");
+    c.add_option("--ssh-config", ssh_config,
+                 "ssh config file for Host aliases (default ~/.ssh/config)");
+  }
+  void apply(sftp::SshOptions& o) const {
+    if (!identity.empty()) o.identity = identity;
+    if (!known_hosts.empty()) o.known_hosts = known_hosts;
+    if (!ssh_config.empty()) o.ssh_config = ssh_config;
+  }
+};
+
 // Options for sftp:// destinations.
 struct RemoteArgs {
-  std::string identity, known_hosts, ssh_config;
+  SshArgs ssh;
   bool accept_new = false;
   int stall_timeout = 60;
   int retries = 5;
@@ -25,15 +44,10 @@ struct RemoteArgs {
   std::string bwlimit;
 
   void add(CLI::App& c) {
-    c.add_option("--identity", identity,
-                 "SSH private key for sftp:// (must not be readable by group/others); default: "
-                 "ssh-agent, then ~/.ssh/id_*");
-    c.add_option("--known-hosts", known_hosts, "known_hosts file (default ~/.ssh/known_hosts)");
+    ssh.add(c);
     c.add_flag("--accept-new-host-key", accept_new,
                "Trust and record the host key of a server not yet in known_hosts (like "
                "StrictHostKeyChecking=accept-new). A changed key is always refused");
-    c.add_option("--ssh-config", ssh_config,
-                 "ssh config file for Host aliases (default ~/.ssh/config)");
     c.add_option("--stall-timeout", stall_timeout,
                  "Seconds without progress before the connection counts as dropped (default 60)");
     c.add_option("--retries", retries,
@@ -53,9 +67,7 @@ struct RemoteArgs {
 
   sftp::SinkOptions sink_options() const {
     sftp::SinkOptions o;
-    if (!identity.empty()) o.ssh.identity = identity;
-    if (!known_hosts.empty()) o.ssh.known_hosts = known_hosts;
-    if (!ssh_config.empty()) o.ssh.ssh_config = ssh_config;
+    ssh.apply(o.ssh);
     o.ssh.accept_new_host_key = accept_new;
     if (stall_timeout < 1) throw Error(ErrorKind::Usage, "--stall-timeout: at least 1 second");
     o.stall_timeout = std::chrono::seconds(stall_timeout);

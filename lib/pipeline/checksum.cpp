@@ -80,4 +80,19 @@ std::string sha256_hex(Bytes data) {
   return finish_hex(c.get());
 }
 
+struct Sha256::Ctx {
+  diskferry::Ctx ctx = new_sha256();
+};
+
+Sha256::Sha256() : c_(std::make_unique<Ctx>()) {}
+Sha256::~Sha256() = default;
+
+void Sha256::update(Bytes data) {
+  EVP_DigestUpdate(c_->ctx.get(), data.data(), data.size());
+}
+
+std::string Sha256::hex() {
+  return finish_hex(c_->ctx.get());
+}
+
 }  // namespace diskferry

@@ -17,4 +17,19 @@ std::unique_ptr<Sink> make_sha256_sink(std::unique_ptr<Sink> inner, std::string*
 // Hex SHA-256 of a byte range (tests, sidecars).
 std::string sha256_hex(Bytes data);
 
+// Incremental SHA-256 (verify hashes what it downloads).
+class Sha256 {
+ public:
+  Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+  void update(Bytes data);
+  std::string hex();  // once
+
+ private:
+  struct Ctx;
+  std::unique_ptr<Ctx> c_;
+};
+
 }  // namespace diskferry

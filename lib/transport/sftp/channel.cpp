@@ -130,8 +130,10 @@ void Channel::take_limits(uint32_t id) {
   if (r.type != kExtendedReply) return;
   PacketReader rd(r.data);
   rd.u64("max packet length");
-  rd.u64("max read length");
+  uint64_t max_read = rd.u64("max read length");
   uint64_t max_write = rd.u64("max write length");
+  if (max_read >= 4096)
+    max_read_ = static_cast<uint32_t>(std::min<uint64_t>(max_read, 1u << 18) / 4096 * 4096);
   // Whole pages: OpenSSH offers 261120 bytes (255 KiB), and writes of that size start mid-page,
   // so neighbouring writes (often on different channels, so different server processes) share
   // a page of the server's page cache.

@@ -59,6 +59,8 @@ class Channel {
   bool has(const std::string& ext) const { return extensions_.count(ext) != 0; }
   // Largest WRITE payload the server takes: limits@openssh.com when offered, else 32 KiB.
   uint32_t max_write() const { return max_write_; }
+  // Largest READ the server answers in full: limits@openssh.com when offered, else 32 KiB.
+  uint32_t max_read() const { return max_read_; }
   const std::string& where() const { return session_.where(); }
 
   // Set once the connection failed: later requests fail at once instead of waiting again.
@@ -136,6 +138,7 @@ class Channel {
   std::map<std::string, std::string> extensions_;
   uint32_t last_id_ = 0;
   uint32_t max_write_ = 32 * 1024;
+  uint32_t max_read_ = 32 * 1024;
   bool broken_ = false;
   bool poisoned_ = false;
 };

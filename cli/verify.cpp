@@ -1,0 +1,196 @@
+// `diskferry verify` and `diskferry ls`: what is on the remote, and whether it is intact.
+#include <fmt/chrono.h>
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "commands.hpp"
+#include "config/config.hpp"
+#include "job/job.hpp"
+#include "queue/queue.hpp"
+#include "remote_args.hpp"
+#include "transport/sftp/channel.hpp"
+#include "util/size.hpp"
+#include "verify/verify.hpp"
+
+namespace diskferry::cli {
+namespace {
+
+using Json = nlohmann::json;
+
+// The ssh options of the commands that only read from a remote.
+struct ReadArgs {
+  SshArgs ssh;
+  int streams = 4, stall_timeout = 60;
+  void add(CLI::App& c) {
+    ssh.add(c);
+    c.add_option("--streams", streams, "SFTP channels to read over (default 4, 1-16)");
+    c.add_option("--stall-timeout", stall_timeout,
+                 "Seconds without progress before the connection counts as dropped (default 60)");
+  }
+  sftp::ReadOptions options() const {
+    sftp::ReadOptions o;
+    ssh.apply(o.ssh);
+    if (streams < 1 || streams > 16) throw Error(ErrorKind::Usage, "--streams: expected 1 to 16");
+    if (stall_timeout < 1) throw Error(ErrorKind::Usage, "--stall-timeout: at least 1 second");
+    o.streams = streams;
+    o.stall_timeout = std::chrono::seconds(stall_timeout);
+    return o;
+  }
+};
+
+std::string config_path(const std::string& file) {
+  if (!file.empty()) return file;
+  if (const char* e = std::getenv("DISKFERRY_CONFIG"); e && *e) return e;
+  return "/etc/diskferry/diskferry.yaml";
+}
+
+int print_report(const std::string& what, const VerifyReport& r, bool json) {
+  if (json) {
+    Json o{{"url", what},
+           {"status", r.status == VerifyStatus::Ok                 ? "ok"
+                      : r.status == VerifyStatus::ChecksumMismatch ? "checksum"
+                      : r.status == VerifyStatus::StructureInvalid ? "structure"
+                                                                   : "unreachable"},
+           {"exit_code", static_cast<int>(r.status)},
+           {"problem", r.problem},
+           {"size", r.size},
+           {"sha256", r.sha256},
+           {"sidecar_sha256", r.sidecar_sha256},
+           {"outer_compression", r.outer},
+           {"format", r.format},
+           {"notes", r.notes}};
+    o["virtual_size"] = r.virtual_size ? Json(*r.virtual_size) : Json();
+    fmt::print("{}\n", o.dump(2));
+  } else if (r.status == VerifyStatus::Ok) {
+    std::string inner = r.format;
+    if (r.virtual_size) inner += fmt::format(" of {}", format_size(*r.virtual_size));
+    fmt::print("{}: OK ({}, {}{}, sha256 {} matches)\n", what, format_size(r.size), inner,
+               r.outer == "none" ? "" : fmt::format(" in a complete {} stream", r.outer), r.sha256);
+    for (auto& n : r.notes) fmt::print("  note: {}\n", n);
+  } else {
+    const char* kind = r.status == VerifyStatus::ChecksumMismatch   ? "CHECKSUM MISMATCH"
+                       : r.status == VerifyStatus::StructureInvalid ? "STRUCTURE INVALID"
+                                                                    : "UNREACHABLE";
+    fmt::print(stderr, "diskferry: verify: {}: {}\n", kind, r.problem);
+  }
+  return static_cast<int>(r.status);
+}
+
+}  // namespace
+
+Run add_verify(CLI::App& app) {
+  auto* c =
+      app.add_subcommand("verify", "Check a backup on the remote without downloading it to disk");
+  auto url = std::make_shared<std::string>();
+  auto job = std::make_shared<int64_t>(0);
+  auto cfg = std::make_shared<std::string>();
+  auto json = std::make_shared<bool>(false);
+  auto args = std::make_shared<ReadArgs>();
+  c->add_option("URL", *url, "sftp://USER@HOST[:PORT]/PATH/NAME of a backup");
+  c->add_option("--job", *job,
+                "The backup of this job (from `diskferry list`), through the config");
+  c->add_option("--config", *cfg,
+                "Configuration file for --job (default: $DISKFERRY_CONFIG, else "
+                "/etc/diskferry/diskferry.yaml)");
+  c->add_flag("--json", *json, "The report as JSON");
+  args->add(*c);
+  c->footer(
+      "Streams the file once: its SHA-256 against NAME.sha256 (and, with --job, the queue's "
+      "record),\nan outer zstd/gzip stream decoded to its end, and a qcow2 inside checked: every "
+      "L1/L2\nentry in range, refcounts equal to the references, every compressed cluster "
+      "inflating to one\ncluster. Nothing is written to disk.\n\nExit status: 0 intact, 4 "
+      "checksum mismatch (or no sidecar), 5 structure invalid (truncated,\nbad tables or "
+      "clusters), 6 unreachable (connection, login, no such file), 2 usage errors,\n1 other "
+      "errors.\n\nExamples:\n  diskferry verify --identity /etc/diskferry/id_ed25519 "
+      "sftp://u123456@u123456.your-storagebox.de:23/~/backups/web01/"
+      "web01-20261201T021500Z.qcow2.zst\n"
+      "  diskferry verify --job 42");
+  return [=]() {
+    sftp::ReadOptions ro = args->options();
+    if (*job) {
+      if (!url->empty()) throw Error(ErrorKind::Usage, "give a URL or --job, not both");
+      Config conf = load_config(config_path(*cfg));
+      Queue q(default_db_path(conf.state_dir));
+      auto j = q.get(*job);
+      if (!j) throw Error(ErrorKind::Usage, fmt::format("there is no job {}", *job));
+      if (j->state != JobState::Done)
+        throw Error(ErrorKind::Usage,
+                    fmt::format("job {} is {}: only a done job has a backup to verify", *job,
+                                to_string(j->state)));
+      auto src = conf.sources.find(j->source);
+      if (src == conf.sources.end())
+        throw Error(ErrorKind::Usage, fmt::format("job {}'s source {} is no longer in {}", *job,
+                                                  j->source, conf.path));
+      const RemoteConf& rem = conf.remotes.at(src->second.remote);
+      sftp::SinkOptions so = sink_options(conf, rem);
+      ro.ssh = so.ssh;
+      sftp::Url u = backup_url(rem, j->remote_path);
+      return print_report(u.str(), verify_remote(u, ro, j->sha256), *json);
+    }
+    if (url->empty()) throw Error(ErrorKind::Usage, "verify: give an sftp:// URL or --job ID");
+    sftp::Url u = sftp::parse_url(*url);
+    return print_report(u.str(), verify_remote(u, ro), *json);
+  };
+}
+
+Run add_ls(CLI::App& app) {
+  auto* c = app.add_subcommand("ls", "List the backups in a remote directory");
+  auto url = std::make_shared<std::string>();
+  auto json = std::make_shared<bool>(false);
+  auto args = std::make_shared<ReadArgs>();
+  c->add_option("URL", *url, "sftp://USER@HOST[:PORT]/DIR")->required();
+  c->add_flag("--json", *json, "As JSON");
+  args->add(*c);
+  c->footer(
+      "One line per file: size, modification time (UTC), and whether its NAME.sha256 sidecar is "
+      "there\n(a .partial is an upload in progress or one that will be resumed). `diskferry "
+      "verify` checks a\nfile's content.");
+  return [=]() {
+    sftp::ReadOptions ro = args->options();
+    sftp::Url u = sftp::parse_url(*url);
+    sftp::SshSession session(u, ro.ssh);
+    sftp::Channel ch(session, ro.stall_timeout);
+    std::string dir = u.remote_path();
+    auto entries = ch.list_dir(dir);
+    if (!entries)
+      throw Error(ErrorKind::Input, fmt::format("{}: {}: no such directory", session.where(), dir));
+    std::sort(entries->begin(), entries->end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::set<std::string> names;
+    for (auto& [n, a] : *entries) names.insert(n);
+    Json out = Json::array();
+    for (auto& [n, a] : *entries) {
+      bool is_dir = a.permissions && (*a.permissions & 0170000) == 0040000;
+      if (n.size() > 7 && n.ends_with(".sha256") && names.count(n.substr(0, n.size() - 7)))
+        continue;  // shown with its file
+      std::string check = is_dir                       ? "dir"
+                          : n.ends_with(".partial")    ? "partial"
+                          : names.count(n + ".sha256") ? "sha256"
+                                                       : "no sha256";
+      std::string when = a.mtime
+                             ? fmt::format("{:%Y-%m-%d %H:%M:%S}Z",
+                                           std::chrono::sys_seconds(std::chrono::seconds(*a.mtime)))
+                             : "";
+      if (*json) {
+        out.push_back({{"name", n},
+                       {"size", a.size.value_or(0)},
+                       {"mtime", when},
+                       {"type", is_dir ? "dir" : "file"},
+                       {"sidecar", check == "sha256"}});
+        continue;
+      }
+      fmt::print("{:>10}  {:<20}  {:<9}  {}{}\n", is_dir ? "-" : format_size(a.size.value_or(0)),
+                 when, check, n, is_dir ? "/" : "");
+    }
+    if (*json) fmt::print("{}\n", out.dump(2));
+    return 0;
+  };
+}
+
+}  // namespace diskferry::cli
