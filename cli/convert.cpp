@@ -35,7 +35,10 @@ struct ImageArgs {
         ->required();
     c.add_option("--source-format", source_format,
                  "Read SOURCE as raw or qcow2 instead of detecting it by its magic bytes");
-    c.add_option("-O,--format", format, "Output format: qcow2, vhdx or raw")->required();
+    c.add_option("-O,--format", format,
+                 "Output format: qcow2, vhdx, raw, or asis (the source file's bytes unchanged, "
+                 "e.g. a qcow2 file itself; --compress applies)")
+        ->required();
     c.add_option("--cluster-size", cluster_size,
                  "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
     c.add_option("--qcow2-compression", qcow2_compression,
@@ -87,6 +90,11 @@ struct ImageArgs {
   std::unique_ptr<Source> open() const {
     SourceOptions so;
     if (!source_format.empty()) so.format = parse_source_format(source_format);
+    if (format == "asis") {
+      if (!source_format.empty())
+        throw Error(ErrorKind::Usage, "--source-format does not apply to -O asis");
+      so.format = SourceFormat::File;
+    }
     so.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);

@@ -19,6 +19,8 @@ std::string format_name(ImageFormat f) {
       return "qcow2";
     case ImageFormat::Vhdx:
       return "vhdx";
+    case ImageFormat::Asis:
+      return "asis";
   }
   return "?";
 }
@@ -27,8 +29,10 @@ ImageFormat parse_format(const std::string& text) {
   if (text == "raw") return ImageFormat::Raw;
   if (text == "qcow2") return ImageFormat::Qcow2;
   if (text == "vhdx") return ImageFormat::Vhdx;
-  throw Error(ErrorKind::Usage,
-              fmt::format("-O '{}': unknown output format (expected qcow2, vhdx or raw)", text));
+  if (text == "asis") return ImageFormat::Asis;
+  throw Error(
+      ErrorKind::Usage,
+      fmt::format("-O '{}': unknown output format (expected qcow2, vhdx, raw or asis)", text));
 }
 
 namespace {
@@ -54,6 +58,7 @@ std::unique_ptr<FormatWriter> make_writer(const WriterOptions& o) {
   o.validate();
   switch (o.format) {
     case ImageFormat::Raw:
+    case ImageFormat::Asis:
       return make_raw_writer(o);
     case ImageFormat::Qcow2:
       return make_qcow2_writer(o);

@@ -18,7 +18,9 @@
 
 namespace diskferry {
 
-enum class ImageFormat { Raw, Qcow2, Vhdx };
+// Asis: the source file's bytes unchanged (no decompression, no qcow2 reading), e.g. to upload a
+// reflinked qcow2 file itself.
+enum class ImageFormat { Raw, Qcow2, Vhdx, Asis };
 
 std::string format_name(ImageFormat f);
 ImageFormat parse_format(const std::string& text);  // throws Error(Usage)

@@ -266,7 +266,7 @@ class PeekedReader final : public ByteReader {
 std::unique_ptr<ByteReader> refuse_qcow2_stream(std::unique_ptr<ByteReader> r,
                                                 const std::string& name, SourceCompression c,
                                                 const SourceOptions& opts) {
-  if (opts.format == SourceFormat::Raw) return r;
+  if (opts.format == SourceFormat::Raw || opts.format == SourceFormat::File) return r;
   std::vector<std::byte> head(4);
   head.resize(r->read(head));
   if (opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head))
@@ -302,12 +302,16 @@ SourceFormat parse_source_format(const std::string& s) {
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
   SourceOptions opts = options;
   if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
+  const bool as_file = opts.format == SourceFormat::File;
+  if (as_file && opts.layout)
+    throw Error(ErrorKind::Usage,
+                "--layout does not apply to -O asis (the file's bytes as they are)");
 
   if (path == "-") {
     std::vector<std::byte> head(4);
     size_t n = read_some(STDIN_FILENO, head, "stdin");
     head.resize(n);
-    SourceCompression c = detect_compression(head);
+    SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
     auto reader =
         make_decoder(c, make_fd_reader(UniqueFd(::dup(STDIN_FILENO)), "stdin", head), "stdin");
     reader = refuse_qcow2_stream(std::move(reader), "stdin", c, opts);
@@ -330,7 +334,7 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
     // A pipe or character device given by name: read it once, as a stream.
     std::vector<std::byte> head(4);
     head.resize(read_some(fd.get(), head, path));
-    SourceCompression c = detect_compression(head);
+    SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
     auto reader = make_decoder(c, make_fd_reader(std::move(fd), path, head), path);
     reader = refuse_qcow2_stream(std::move(reader), path, c, opts);
     return std::make_unique<StreamSource>(path, c, std::nullopt, std::move(reader), false,
@@ -339,7 +343,7 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
 
   std::vector<std::byte> head(4);
   head.resize(pread_some(fd.get(), head, 0, path));
-  SourceCompression c = detect_compression(head);
+  SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
   bool qcow2 = opts.format == SourceFormat::Qcow2 ||
                (opts.format == SourceFormat::Auto && is_qcow2_magic(head));
   if (qcow2 && c == SourceCompression::None) return open_qcow2_source(std::move(fd), path, opts);

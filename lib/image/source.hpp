@@ -55,7 +55,8 @@ class Source {
 enum class SourceCompression { None, Gzip, Zstd };
 
 // What the (decompressed) bytes are. Auto: qcow2 when they start with its magic, else raw.
-enum class SourceFormat { Auto, Raw, Qcow2 };
+// File: the file's own bytes, neither decompressed nor read as qcow2 (for -O asis).
+enum class SourceFormat { Auto, Raw, Qcow2, File };
 
 struct SourceOptions {
   // Ranges to read (from an rbd diff layout file); everything else reads as zero.
