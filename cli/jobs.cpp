@@ -275,6 +275,48 @@ Run add_check_config(CLI::App& app) {
   };
 }
 
+// The status check itself; errors are left to the caller (exit 3).
+static int status(const ConfigArg& cfg, const std::string& max_age_text, bool as_json) {
+  Config conf = cfg.load();
+  auto limit = parse_duration(max_age_text);
+  if (!limit)
+    throw Error(ErrorKind::Usage,
+                fmt::format("--max-age '{}': expected a duration such as 90s, 30m, 26h or 2d",
+                            max_age_text));
+  Queue q(default_db_path(conf.state_dir));
+  int stale = 0;
+  Json a = Json::array();
+  Time now = now_ms();
+  for (auto& [name, s] : conf.sources) {
+    auto last = q.last_success(name);
+    bool ok = last && now - last->at <= *limit;
+    stale += !ok;
+    if (as_json) {
+      a.push_back({{"source", name},
+                   {"ok", ok},
+                   {"last_success", last ? Json(when(last->at)) : Json()},
+                   {"remote_path", last ? Json(last->remote_path) : Json()}});
+      continue;
+    }
+    if (last)
+      fmt::print("{:<16} {:<5} last success {} ({} ago) {}\n", name, ok ? "OK" : "STALE",
+                 when(last->at), age(now - last->at), last->remote_path);
+    else
+      fmt::print("{:<16} {:<5} no successful backup yet\n", name, "STALE");
+    // What a monitoring check's reader needs next: why the newest job did not succeed.
+    if (ok) continue;
+    JobFilter f;
+    f.source = name;
+    f.limit = 1;
+    for (const Job& j : q.list(f))
+      if (j.state != JobState::Done)
+        fmt::print("{:<16} {:<5} job {} {}{}{}\n", "", "", j.id, to_string(j.state),
+                   j.error.empty() ? "" : ": ", j.error);
+  }
+  if (as_json) fmt::print("{}\n", a.dump(2));
+  return stale ? 2 : 0;
+}
+
 Run add_status(CLI::App& app) {
   auto* c = app.add_subcommand("status", "Per source: the last successful backup and its age");
   auto cfg = std::make_shared<ConfigArg>();
@@ -287,46 +329,17 @@ Run add_status(CLI::App& app) {
   c->add_flag("--json", *json, "As JSON");
   c->footer(
       "Exit status (Nagios/Icinga style): 0 every source has a recent backup, 2 at least one is "
-      "stale\nor never succeeded, 3 the state could not be read.");
+      "stale\nor never succeeded, 3 the configuration or the state could not be read (the first "
+      "line of\nstandard output then says UNKNOWN and why).");
   return [cfg, max_age, json]() {
-    Config conf = cfg->load();
-    auto limit = parse_duration(*max_age);
-    if (!limit)
-      throw Error(
-          ErrorKind::Usage,
-          fmt::format("--max-age '{}': expected a duration such as 90s, 30m, 26h or 2d", *max_age));
-    Queue q(default_db_path(conf.state_dir));
-    int stale = 0;
-    Json a = Json::array();
-    Time now = now_ms();
-    for (auto& [name, s] : conf.sources) {
-      auto last = q.last_success(name);
-      bool ok = last && now - last->at <= *limit;
-      stale += !ok;
-      if (*json) {
-        a.push_back({{"source", name},
-                     {"ok", ok},
-                     {"last_success", last ? Json(when(last->at)) : Json()},
-                     {"remote_path", last ? Json(last->remote_path) : Json()}});
-        continue;
-      }
-      if (last)
-        fmt::print("{:<16} {:<5} last success {} ({} ago) {}\n", name, ok ? "OK" : "STALE",
-                   when(last->at), age(now - last->at), last->remote_path);
-      else
-        fmt::print("{:<16} {:<5} no successful backup yet\n", name, "STALE");
-      // What a monitoring check's reader needs next: why the newest job did not succeed.
-      if (ok) continue;
-      JobFilter f;
-      f.source = name;
-      f.limit = 1;
-      for (const Job& j : q.list(f))
-        if (j.state != JobState::Done)
-          fmt::print("{:<16} {:<5} job {} {}{}{}\n", "", "", j.id, to_string(j.state),
-                     j.error.empty() ? "" : ": ", j.error);
+    try {
+      return status(*cfg, *max_age, *json);
+    } catch (const Error& e) {
+      // A check that cannot look must not pass for OK (0) or CRITICAL (2).
+      fmt::print("UNKNOWN: {}\n", e.what());
+      fmt::print(stderr, "diskferry: {}\n", e.what());
+      return 3;
     }
-    if (*json) fmt::print("{}\n", a.dump(2));
-    return stale ? 2 : 0;
   };
 }
 
