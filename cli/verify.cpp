@@ -91,8 +91,11 @@ Run add_verify(CLI::App& app) {
   auto job = std::make_shared<int64_t>(0);
   auto cfg = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
+  auto all_latest = std::make_shared<bool>(false);
   auto args = std::make_shared<ReadArgs>();
   c->add_option("URL", *url, "sftp://USER@HOST[:PORT]/PATH/NAME of a backup");
+  c->add_flag("--all-latest", *all_latest,
+              "The newest backup of every source of the configuration (what a weekly timer runs)");
   c->add_option("--job", *job,
                 "The backup of this job (from `diskferry list`), through the config");
   c->add_option("--config", *cfg,
@@ -110,9 +113,30 @@ Run add_verify(CLI::App& app) {
       "errors.\n\nExamples:\n  diskferry verify --identity /etc/diskferry/id_ed25519 "
       "sftp://u123456@u123456.your-storagebox.de:23/~/backups/web01/"
       "web01-20261201T021500Z.qcow2.zst\n"
-      "  diskferry verify --job 42");
+      "  diskferry verify --job 42\n  diskferry verify --all-latest      # exit status: the "
+      "highest of "
+      "any source");
   return [=]() {
     sftp::ReadOptions ro = args->options();
+    if (*all_latest) {
+      if (!url->empty() || *job)
+        throw Error(ErrorKind::Usage, "--all-latest checks every source: no URL or --job");
+      Config conf = load_config(config_path(*cfg));
+      Queue q(default_db_path(conf.state_dir));
+      int worst = 0;
+      for (auto& [name, src] : conf.sources) {
+        auto last = q.last_success(name);
+        if (!last) {
+          fmt::print("{}: no backup yet, nothing to verify\n", name);
+          continue;
+        }
+        const RemoteConf& rem = conf.remotes.at(src.remote);
+        ro.ssh = sink_options(conf, rem).ssh;
+        sftp::Url u = backup_url(rem, last->remote_path);
+        worst = std::max(worst, print_report(u.str(), verify_remote(u, ro, last->sha256), *json));
+      }
+      return worst;
+    }
     if (*job) {
       if (!url->empty()) throw Error(ErrorKind::Usage, "give a URL or --job, not both");
       Config conf = load_config(config_path(*cfg));

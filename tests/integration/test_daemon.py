@@ -328,6 +328,35 @@ class Daemon(unittest.TestCase):
             self.assertEqual(os.listdir(snaps) if os.path.isdir(snaps) else [], [])
             self.assertIn("no space left", self.cli("show", j["id"]).stdout)
 
+    def test_verify_latest_backups_through_the_config(self):
+        self.config_sources = {"va": self.source("va", 50, mib=8),
+                               "vb": self.source("vb", 51, mib=8, compress="zstd:1"),
+                               "vnever": self.source("vnever", 52, mib=8)}
+        self.write_config(self.config_sources)
+        self.cli("enqueue", "va", "vb")
+        self.daemon("--once")
+        by_src = {j["source"]: j for j in self.jobs().values()}
+        p = self.cli("verify", "--all-latest")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertEqual(p.stdout.count(": OK ("), 2, p.stdout)
+        self.assertIn("vnever: no backup yet", p.stdout)
+        p = self.cli("verify", "--job", by_src["vb"]["id"])
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        self.assertIn("in a complete zstd stream", p.stdout)
+        # One byte changed on the server: that source fails with the checksum code.
+        path = os.path.join(self.remote_dir, by_src["va"]["remote_path"])
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 3)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x80]))
+        p = self.cli("verify", "--all-latest")
+        self.assertEqual(p.returncode, 4, p.stdout + p.stderr)
+        self.assertIn("CHECKSUM MISMATCH", p.stderr)
+        self.assertEqual(p.stdout.count(": OK ("), 1, p.stdout)
+        p = self.cli("verify", "--job", 999)
+        self.assertEqual(p.returncode, 2, p.stderr)
+
     def wait_for_partial(self, at_least, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
