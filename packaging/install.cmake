@@ -5,7 +5,8 @@
 #   share/doc/diskferry/                   README, docs, the example config
 set(DISKFERRY_UNITS
   diskferryd.service diskferry-nightly.service diskferry-nightly.timer
-  diskferry-enqueue@.service diskferry-enqueue@.timer)
+  diskferry-enqueue@.service diskferry-enqueue@.timer diskferry-verify.service
+  diskferry-verify.timer)
 foreach(unit IN LISTS DISKFERRY_UNITS)
   install(FILES ${CMAKE_SOURCE_DIR}/systemd/${unit} DESTINATION lib/systemd/system)
 endforeach()

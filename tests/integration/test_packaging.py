@@ -26,7 +26,8 @@ import unittest
 
 BUILD = SRC = None
 UNITS = ["diskferryd.service", "diskferry-nightly.service", "diskferry-nightly.timer",
-         "diskferry-enqueue@.service", "diskferry-enqueue@.timer"]
+         "diskferry-enqueue@.service", "diskferry-enqueue@.timer", "diskferry-verify.service",
+         "diskferry-verify.timer"]
 
 
 def run(*cmd, **kw):
