@@ -1,4 +1,5 @@
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -689,9 +690,22 @@ TEST_CASE("queue: files that are not a usable diskferry database are refused, un
     CHECK(contains(message, path + ": not a valid SQLite database, or corrupt"));
   }
 
-  SUBCASE("a missing state directory") {
-    const std::string path = dir.file("missing/diskferry.db");
+  SUBCASE("a missing state directory is made, owner-only") {
+    const std::string path = dir.file("missing/state/diskferry.db");
+    {
+      Queue q(path);
+      q.enqueue("vm");
+    }
+    struct stat st {};
+    REQUIRE(::stat(dir.file("missing/state").c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0700);
+    CHECK(Queue(path).list().size() == 1);
+  }
+
+  SUBCASE("a state directory that cannot be made") {
+    spit(dir.file("afile"), "x");
+    const std::string path = dir.file("afile/state/diskferry.db");
     const std::string message = error_of([&] { Queue q(path); });
-    CHECK(contains(message, path + ": cannot open"));
+    CHECK(contains(message, dir.file("afile/state") + ": cannot create the state directory"));
   }
 }
