@@ -97,7 +97,10 @@ class Heartbeat {
  private:
   void run() {
     std::unique_lock lk(m_);
-    while (!cv_.wait_for(lk, lease_ / 3, [this] { return done_; })) {
+    // At most 2 s between beats: renewing is also how a `diskferry cancel` reaches the job, and
+    // a user waiting for a cancel should not wait a third of the lease.
+    const auto period = std::min<std::chrono::milliseconds>(lease_ / 3, std::chrono::seconds(2));
+    while (!cv_.wait_for(lk, period, [this] { return done_; })) {
       lk.unlock();
       bool ok = true;
       try {

@@ -357,6 +357,28 @@ class Daemon(unittest.TestCase):
         p = self.cli("verify", "--job", 999)
         self.assertEqual(p.returncode, 2, p.stderr)
 
+    def test_cancel_a_running_job(self):
+        self.config_sources = {"c": self.source("c", 18, mib=192)}  # 32 MiB of data: 8 s
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 4M\n")
+        self.cli("enqueue", "c")
+        p = self.daemon(wait=False)
+        self.wait_for_partial(4 * MiB)
+        (job,) = self.jobs().values()
+        r = self.cli("cancel", job["id"])
+        self.assertEqual(r.returncode, 0, r.stderr)
+        deadline = time.monotonic() + 4  # the worker hears of it within 2 s
+        while self.jobs()[job["id"]]["state"] != "cancelled":
+            self.assertLess(time.monotonic(), deadline, self.jobs())
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)
+        # Cancelled: the partial upload and the snapshot are gone, nothing was published.
+        self.assertEqual(self.remote_files(), [])
+        self.assert_no_snapshots()
+        self.assertIn("cancel", self.cli("show", job["id"]).stdout)
+        r = self.cli("cancel", job["id"])  # twice is harmless
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     def wait_for_partial(self, at_least, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
