@@ -127,6 +127,11 @@ Template parse_template(std::string_view t) {
 }
 
 std::string extension(const SourceConf& s) {
+  // asis keeps the image's own kind: web01.qcow2 backs up as ….qcow2.zst.
+  if (s.format == ImageFormat::Asis) {
+    std::string e = fs::path(s.path).extension().string();
+    return (e.size() > 1 ? e.substr(1) : std::string("img")) + s.compress.extension();
+  }
   return format_name(s.format) + s.compress.extension();
 }
 
@@ -674,11 +679,11 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
   }
 
   if (auto v = m.get("format")) {
-    std::string f = v->text("qcow2, vhdx or raw");
+    std::string f = v->text("qcow2, vhdx, raw or asis");
     try {
       s.format = parse_format(f);
     } catch (const Error&) {
-      v->fail(fmt::format("expected qcow2, vhdx or raw, got {}", in_quotes(f)));
+      v->fail(fmt::format("expected qcow2, vhdx, raw or asis, got {}", in_quotes(f)));
     }
   }
   if (auto v = m.get("compress")) {

@@ -297,7 +297,10 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       }
       input = snapshot;
     }
-    auto source = open_source(input);
+    SourceOptions sopts;
+    if (src.format == ImageFormat::Asis) sopts.format = SourceFormat::File;
+    sopts.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
+    auto source = open_source(input, sopts);
 
     ConvertOptions o;
     o.writer.format = src.format;

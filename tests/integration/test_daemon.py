@@ -379,6 +379,32 @@ class Daemon(unittest.TestCase):
         r = self.cli("cancel", job["id"])  # twice is harmless
         self.assertEqual(r.returncode, 0, r.stderr)
 
+    def test_qcow2_sources_converted_and_asis(self):
+        raw = os.path.join(self.images, "qsrc.raw")
+        make_image(raw, 24, 60)
+        img = os.path.join(self.images, "vm-q.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img], check=True)
+        self.config_sources = {
+            "qc": {"path": img, "remote": "box", "format": "vhdx"},
+            "qa": {"path": img, "remote": "box", "format": "asis", "compress": "zstd:1"},
+        }
+        self.write_config(self.config_sources)
+        self.cli("enqueue", "--all")
+        self.daemon("--once")
+        by_src = {j["source"]: j for j in self.jobs().values()}
+        v = self.assert_published(by_src["qc"], ["-O", "vhdx"])
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vhdx", raw, v],
+                           capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        a = by_src["qa"]
+        self.assertEqual(a["state"], "done", a)
+        self.assertTrue(a["remote_path"].endswith(".qcow2.zst"), a)
+        out = os.path.join(self.work, "asis.qcow2")
+        subprocess.run(["zstd", "-d", "-q", "-f", os.path.join(self.remote_dir, a["remote_path"]),
+                        "-o", out], check=True)
+        self.assertEqual(sha256_file(out), sha256_file(img))  # the file itself, byte for byte
+        self.assert_no_snapshots()
+
     def wait_for_partial(self, at_least, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
