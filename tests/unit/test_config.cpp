@@ -303,7 +303,7 @@ TEST_CASE("config: bad values name what is allowed") {
   CHECK(error_of(source("    snapshot: lvm\n")) ==
         kFile + ":8: sources.web01.snapshot: expected reflink or none, got \"lvm\"");
   CHECK(error_of(source("    format: vmdk\n")) ==
-        kFile + ":8: sources.web01.format: expected qcow2, vhdx or raw, got \"vmdk\"");
+        kFile + ":8: sources.web01.format: expected qcow2, vhdx, raw or asis, got \"vmdk\"");
   CHECK(error_of(source("    compress: xz\n")) ==
         kFile +
             ":8: sources.web01.compress: expected none, zstd[:LEVEL], gzip[:LEVEL], qcow2-zstd or "
@@ -349,7 +349,7 @@ TEST_CASE("config: bad values name what is allowed") {
             "starting with '.', at most 100), got \"my box\"");
   // Whatever the file holds, the message stays on one line.
   CHECK(error_of(source("    format: \"a\\nb\"\n")) ==
-        kFile + ":8: sources.web01.format: expected qcow2, vhdx or raw, got \"a\\x0ab\"");
+        kFile + ":8: sources.web01.format: expected qcow2, vhdx, raw or asis, got \"a\\x0ab\"");
 }
 
 TEST_CASE("config: YAML syntax errors carry yaml-cpp's line") {
@@ -474,6 +474,14 @@ TEST_CASE("config: render_name and match_name are inverses, {ext} from format an
 
   // Sub-second parts are not in the name.
   CHECK(render_name(cases[0].s, when + 999ms) == cases[0].name);
+
+  // asis keeps the image file's extension ("img" when it has none).
+  SourceConf asis = named("{source}-{time:%Y%m%d}.{ext}", ImageFormat::Asis, "zstd:1");
+  asis.path = "/var/lib/libvirt/images/web01.qcow2";
+  CHECK(render_name(asis, when) == "web01-20240309.qcow2.zst");
+  CHECK(match_name(asis, "web01-20240309.qcow2.zst") == utc(2024, 3, 9, 0, 0, 0));
+  asis.path = "/dev/vg0/web01";
+  CHECK(render_name(asis, when) == "web01-20240309.img.zst");
 }
 
 TEST_CASE("config: match_name ignores what the template could not have produced") {
