@@ -9,6 +9,7 @@
 #include "image/layout.hpp"
 #include "pipeline/convert.hpp"
 #include "remote_args.hpp"
+#include "transport/sftp/remote_source.hpp"
 #include "util/error.hpp"
 #include "util/size.hpp"
 
@@ -87,7 +88,8 @@ struct ImageArgs {
     return o;
   }
 
-  std::unique_ptr<Source> open() const {
+  // `remote`: the ssh options when SOURCE is an sftp:// URL (a restore).
+  std::unique_ptr<Source> open(const RemoteArgs* remote = nullptr) const {
     SourceOptions so;
     if (!source_format.empty()) so.format = parse_source_format(source_format);
     if (format == "asis") {
@@ -99,6 +101,10 @@ struct ImageArgs {
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);
       so.layout_name = layout;
+    }
+    if (source.rfind("sftp://", 0) == 0) {
+      if (!remote) throw Error(ErrorKind::Usage, "this command cannot read an sftp:// source");
+      return sftp::open_remote_source(sftp::parse_url(source), remote->read_options(), so);
     }
     return open_source(source, so);
   }
@@ -128,7 +134,10 @@ Run add_convert(CLI::App& app) {
       "      -o sftp://u123456@u123456.your-storagebox.de:23/~/backups/vm.qcow2.zst\n"
       "  diskferry convert vm.img -O vhdx --bwlimit \"08:00,5M 23:00,off\" -o "
       "sftp://backupbox/srv/vm.vhdx\n"
-      "      (backupbox: a Host alias from ~/.ssh/config)\n\n"
+      "      (backupbox: a Host alias from ~/.ssh/config)\n"
+      "  diskferry convert sftp://backupbox/srv/web01.qcow2 -O raw -o /var/lib/libvirt/images/"
+      "web01.img\n"
+      "      (restore: streamed, nothing stored on the way; raw/.gz/.zst and qcow2 backups)\n\n"
       "To a file, qcow2/VHDX are written in one pass and the header is rewritten at the end.\n"
       "To a pipe (or with --compress), the source is read twice: once to plan, once to write.\n"
       "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.\n\n"
@@ -145,7 +154,7 @@ Run add_convert(CLI::App& app) {
   remote->add(*c);
   return [args, remote, dest]() {
     ConvertOptions o = args->options();
-    auto src = args->open();
+    auto src = args->open(remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     auto d = remote->open(*dest);

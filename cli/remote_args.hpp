@@ -9,6 +9,7 @@
 #include "pipeline/convert.hpp"
 #include "pipeline/rate_limit.hpp"
 #include "transport/destination.hpp"
+#include "transport/sftp/remote_file.hpp"
 #include "transport/sftp/sftp_sink.hpp"
 #include "util/error.hpp"
 
@@ -74,6 +75,17 @@ struct RemoteArgs {
     o.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     if (streams < 1 || streams > 16) throw Error(ErrorKind::Usage, "--streams: expected 1 to 16");
     o.streams = streams;
+    return o;
+  }
+
+  // For an sftp:// source: the same login, --streams and --stall-timeout.
+  sftp::ReadOptions read_options() const {
+    sftp::SinkOptions so = sink_options();
+    sftp::ReadOptions o;
+    o.ssh = so.ssh;
+    o.streams = so.streams;
+    o.stall_timeout = so.stall_timeout;
+    o.retries = retries;
     return o;
   }
 

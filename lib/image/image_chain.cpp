@@ -43,7 +43,7 @@ std::pair<uint64_t, FileId> stat_image(int fd, const std::string& name) {
 std::vector<uint64_t> read_l1(const ChainLayer& l) {
   const Qcow2Header& h = *l.qcow2;
   std::vector<std::byte> raw(size_t{h.l1_size} * 8);  // ≤ 32 MiB and inside the file (checked)
-  if (pread_some(l.fd.get(), raw, h.l1_offset, l.name) != raw.size())
+  if (read_layer(l, raw, h.l1_offset) != raw.size())
     throw Error(ErrorKind::Input,
                 fmt::format("{}: qcow2 image truncated inside its L1 table", l.name));
   std::vector<uint64_t> l1(h.l1_size);
@@ -62,7 +62,7 @@ void open_qcow2_layer(ChainLayer& l, const Warn& warn) {
   // largest cluster, so one read covers every cluster size.
   std::vector<std::byte> head(
       static_cast<size_t>(std::min<uint64_t>(l.file_size, uint64_t{1} << kQcow2MaxClusterBits)));
-  head.resize(pread_some(l.fd.get(), head, 0, l.name));
+  head.resize(read_layer(l, head, 0));
   l.qcow2 = parse_qcow2_header(head, l.file_size, l.name);
   l.size = l.qcow2->size;
   l.l1 = read_l1(l);
@@ -74,6 +74,28 @@ void open_qcow2_layer(ChainLayer& l, const Warn& warn) {
 }
 
 }  // namespace
+
+size_t read_layer(const ChainLayer& l, MutableBytes buf, uint64_t offset) {
+  if (l.read) return l.read(buf, offset);
+  return pread_some(l.fd.get(), buf, offset, l.name);
+}
+
+std::vector<ChainLayer> open_remote_image(ReadAt read, uint64_t file_size, const std::string& name,
+                                          const Warn& warn) {
+  ChainLayer top;
+  top.name = name;
+  top.read = std::move(read);
+  top.file_size = file_size;
+  open_qcow2_layer(top, warn);
+  if (!top.qcow2->backing_file.empty())
+    throw Error(ErrorKind::Input,
+                fmt::format("{}: has a backing file ({}); a remote image is read on its own "
+                            "(diskferry's backups have none)",
+                            name, top.qcow2->backing_file));
+  std::vector<ChainLayer> chain;
+  chain.push_back(std::move(top));
+  return chain;
+}
 
 std::string resolve_backing_name(const std::string& image, const std::string& backing) {
   if (backing.empty() || backing.front() == '/') return backing;

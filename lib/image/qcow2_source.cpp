@@ -183,7 +183,7 @@ class Qcow2Pass final : public Pass {
       return false;
     }
     // Past the end of a raw file (its size need not be a multiple of 512) reads as zeros.
-    size_t got = pread_some(chain_[i].fd.get(), out, off, chain_[i].name);
+    size_t got = read_layer(chain_[i], out, off);
     std::memset(out.data() + got, 0, out.size() - got);
     return true;
   }
@@ -207,7 +207,7 @@ class Qcow2Pass final : public Pass {
                             "truncated or corrupt",
                             l2_offset, l.file_size));
       c.l2_raw.resize(static_cast<size_t>(cs));
-      if (pread_some(l.fd.get(), c.l2_raw, l2_offset, l.name) != c.l2_raw.size())
+      if (read_layer(l, c.l2_raw, l2_offset) != c.l2_raw.size())
         corrupt(l, "qcow2 image truncated inside an L2 table");
       c.l2.resize(static_cast<size_t>(cs / 8));
       for (size_t k = 0; k < c.l2.size(); ++k) c.l2[k] = get_be64(c.l2_raw.data() + 8 * k);
@@ -255,7 +255,7 @@ class Qcow2Pass final : public Pass {
               fmt::format("qcow2 data for guest offset {:#x} (at {:#x}) lies beyond the end of the "
                           "file ({} bytes): truncated or corrupt",
                           guest, host, l.file_size));
-    if (pread_some(l.fd.get(), dst, host, l.name) != dst.size())
+    if (read_layer(l, dst, host) != dst.size())
       corrupt(l, "qcow2 image truncated inside a data cluster");
   }
 
@@ -280,7 +280,7 @@ class Qcow2Pass final : public Pass {
                        "end of the file ({} bytes): truncated or corrupt",
                        cl * cs, offset, l.file_size));
       c.compressed.resize(static_cast<size_t>(std::min(csize, l.file_size - offset)));
-      c.compressed.resize(pread_some(l.fd.get(), c.compressed, offset, l.name));
+      c.compressed.resize(read_layer(l, c.compressed, offset));
       c.cluster.resize(static_cast<size_t>(cs));
       if (!c.decompressor) c.decompressor = std::make_unique<ClusterDecompressor>(h.compression);
       c.cached_cluster = -1;
@@ -327,6 +327,13 @@ std::unique_ptr<Source> open_qcow2_source(UniqueFd fd, const std::string& path,
                             path));
   return std::make_unique<Qcow2Source>(path,
                                        open_image_chain(std::move(fd), path, options.on_warning));
+}
+
+std::unique_ptr<Source> open_remote_qcow2_source(ReadAt read, uint64_t file_size,
+                                                 const std::string& name,
+                                                 const SourceOptions& options) {
+  return std::make_unique<Qcow2Source>(
+      name, open_remote_image(std::move(read), file_size, name, options.on_warning));
 }
 
 }  // namespace diskferry

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "image/image_chain.hpp"
 #include "image/source.hpp"
 #include "util/fd.hpp"
 
@@ -15,5 +16,10 @@ namespace diskferry {
 // access). Throws Error(Input|Format) naming the file and the cause.
 std::unique_ptr<Source> open_qcow2_source(UniqueFd fd, const std::string& path,
                                           const SourceOptions& options);
+
+// A qcow2 image without a backing file read through `read` (an SFTP server's file).
+std::unique_ptr<Source> open_remote_qcow2_source(ReadAt read, uint64_t file_size,
+                                                 const std::string& name,
+                                                 const SourceOptions& options);
 
 }  // namespace diskferry

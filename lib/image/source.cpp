@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 
 #include "codec/decode.hpp"
 #include "image/qcow2_header.hpp"
@@ -208,13 +209,15 @@ class StreamSource final : public Source {
  public:
   // For stdin the already-open reader is used once; for files each pass reopens the path.
   StreamSource(std::string name, SourceCompression c, std::optional<uint64_t> file_bytes,
-               std::unique_ptr<ByteReader> first, bool rereadable, SourceOptions opts)
+               std::unique_ptr<ByteReader> first, bool rereadable, SourceOptions opts,
+               std::function<std::unique_ptr<ByteReader>()> reopen = {})
       : name_(std::move(name)),
         comp_(c),
         file_bytes_(file_bytes),
         first_(std::move(first)),
         rereadable_(rereadable),
-        opts_(std::move(opts)) {}
+        opts_(std::move(opts)),
+        reopen_(std::move(reopen)) {}
 
   const std::string& name() const override { return name_; }
   std::optional<uint64_t> known_size() const override { return std::nullopt; }
@@ -225,7 +228,8 @@ class StreamSource final : public Source {
     if (first_) {
       r = std::move(first_);
     } else if (rereadable_) {
-      r = make_decoder(comp_, make_fd_reader(open_input(name_), name_), name_);
+      r = make_decoder(comp_, reopen_ ? reopen_() : make_fd_reader(open_input(name_), name_),
+                       name_);
     } else {
       throw Error(ErrorKind::Internal, fmt::format("{}: cannot be read twice", name_));
     }
@@ -239,6 +243,7 @@ class StreamSource final : public Source {
   std::unique_ptr<ByteReader> first_;
   bool rereadable_;
   SourceOptions opts_;
+  std::function<std::unique_ptr<ByteReader>()> reopen_;  // empty: reopen the path
 };
 
 // A reader whose first bytes were taken off to look at them: hands them out first.
@@ -352,6 +357,24 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
   // Each pass decompresses the file again; look at the first decompressed bytes now.
   refuse_qcow2_stream(make_decoder(c, make_fd_reader(std::move(fd), path), path), path, c, opts);
   return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));
+}
+
+std::unique_ptr<Source> open_stream_source(const std::string& name,
+                                           std::function<std::unique_ptr<ByteReader>()> open,
+                                           std::optional<uint64_t> input_bytes,
+                                           const SourceOptions& options) {
+  SourceOptions opts = options;
+  if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
+  const bool as_file = opts.format == SourceFormat::File;
+  auto raw = open();
+  std::vector<std::byte> head(4);
+  head.resize(raw->read(head));
+  SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
+  auto reader =
+      make_decoder(c, std::make_unique<PeekedReader>(std::move(raw), std::move(head)), name);
+  reader = refuse_qcow2_stream(std::move(reader), name, c, opts);
+  return std::make_unique<StreamSource>(name, c, input_bytes, std::move(reader), true,
+                                        std::move(opts), std::move(open));
 }
 
 }  // namespace diskferry

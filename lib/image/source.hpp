@@ -76,6 +76,15 @@ SourceFormat parse_source_format(const std::string& s);
 // Throws Error(Input|Format) naming the path and the cause.
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options = {});
 
+class ByteReader;
+// A source read front to back through `open()`, called again for every pass (a file on an SFTP
+// server): gzip/zstd found by magic and undone, a qcow2 inside refused as for stdin.
+// `input_bytes`: what a pass reads (the compressed size), for progress.
+std::unique_ptr<Source> open_stream_source(const std::string& name,
+                                           std::function<std::unique_ptr<ByteReader>()> open,
+                                           std::optional<uint64_t> input_bytes,
+                                           const SourceOptions& options = {});
+
 // The virtual size the images describe: rounded up to whole 512-byte sectors, as qemu-img does.
 inline uint64_t virtual_disk_size(uint64_t source_bytes) {
   return round_up(source_bytes, 512);

@@ -34,7 +34,9 @@ struct RemoteFile::Impl {
   std::string path;
   uint64_t size = 0;
   std::unique_ptr<SshSession> session;
-  std::vector<ReadLane> lanes;  // destroyed before the session
+  std::vector<ReadLane> lanes;    // destroyed before the session
+  std::unique_ptr<Channel> side;  // positioned reads beside the pipeline (read_at)
+  std::string side_handle;
   uint32_t chunk = 32 * 1024;
   size_t next_lane = 0;
   uint64_t requested_end = 0;  // everything below was requested (or delivered)
@@ -46,11 +48,13 @@ struct RemoteFile::Impl {
 
   ~Impl() {
     lanes.clear();
+    side.reset();
     session.reset();
   }
 
   void connect() {
     lanes.clear();
+    side.reset();
     session = std::make_unique<SshSession>(url, opts.ssh);
     session->set_timeout(opts.stall_timeout);
     // rclone's server reads any order, unlike its writes; several channels are fine.
@@ -186,7 +190,10 @@ RemoteFile::RemoteFile(const Url& url, const ReadOptions& options)
 
 RemoteFile::~RemoteFile() = default;
 
-size_t RemoteFile::read(MutableBytes buf) {
+// Reads are idempotent: after a dropped connection, reconnect and do the same read again (the
+// sequential position is only moved by a read that succeeded).
+template <class Fn>
+size_t RemoteFile::retrying(Fn&& fn) {
   int attempt = 0;
   for (;;) {
     try {
@@ -194,29 +201,85 @@ size_t RemoteFile::read(MutableBytes buf) {
         impl_->connect();
         impl_->reset(pos_);
       }
-      size_t n = impl_->read(pos_, buf);
-      pos_ += n;
-      return n;
+      return fn();
     } catch (const Error& e) {
-      // Reads are idempotent: after a dropped connection, reconnect and go on from pos_.
       if (!e.transient() || attempt >= impl_->opts.retries) throw;
       impl_->lanes.clear();
+      impl_->side.reset();
       std::this_thread::sleep_for(std::chrono::seconds(std::min(1 << attempt, 30)));
       ++attempt;
     }
   }
 }
 
+size_t RemoteFile::read(MutableBytes buf) {
+  return retrying([&] {
+    size_t n = impl_->read(pos_, buf);
+    pos_ += n;
+    return n;
+  });
+}
+
 size_t RemoteFile::pread(uint64_t offset, MutableBytes buf) {
+  return retrying([&] { return pread_once(offset, buf); });
+}
+
+size_t RemoteFile::pread_once(uint64_t offset, MutableBytes buf) {
   // Channel::read waits for its own reply, keeping the others aside where the pipeline would
   // not look: drop the read-ahead first (the next read() requests from pos_ again).
-  if (impl_->lanes.empty()) impl_->connect();
   impl_->reset(pos_);
   Channel& ch = *impl_->lanes[0].ch;
   size_t done = 0;
   while (done < buf.size()) {
     auto n = static_cast<uint32_t>(std::min<size_t>(buf.size() - done, ch.max_read()));
     auto d = ch.read(impl_->lanes[0].handle, offset + done, n);
+    if (d.empty()) break;
+    std::memcpy(buf.data() + done, d.data(), d.size());
+    done += d.size();
+  }
+  return done;
+}
+
+size_t RemoteFile::read_at(uint64_t offset, MutableBytes buf) {
+  constexpr uint64_t kNear = 4u << 20;
+  if (offset > pos_ && offset - pos_ <= kNear) {
+    std::vector<std::byte> gap(static_cast<size_t>(offset - pos_));
+    for (size_t got = 0; got < gap.size();) {
+      size_t n = read(MutableBytes(gap).subspan(got));
+      if (!n) return 0;
+      got += n;
+    }
+  }
+  if (offset == pos_) {
+    size_t done = 0;
+    while (done < buf.size()) {
+      size_t n = read(buf.subspan(done));
+      if (!n) break;
+      done += n;
+    }
+    return done;
+  }
+  if (buf.size() <= kNear) return retrying([&] { return side_read(offset, buf); });
+  seek(offset);
+  return read_at(offset, buf);
+}
+
+size_t RemoteFile::side_read(uint64_t offset, MutableBytes buf) {
+  if (!impl_->side) {
+    try {
+      impl_->side = std::make_unique<Channel>(*impl_->session, impl_->opts.stall_timeout);
+      impl_->side_handle = impl_->side->open(impl_->path, kOpenRead);
+    } catch (const Error&) {
+      // The server allows no further channel (MaxSessions): read where the pipeline reads.
+      impl_->side.reset();
+      return pread_once(offset, buf);
+    }
+  }
+  Channel& ch = *impl_->side;
+  size_t done = 0;
+  while (done < buf.size()) {
+    auto n = static_cast<uint32_t>(std::min<size_t>(buf.size() - done, ch.max_read()));
+    auto d = ch.read(impl_->side_handle, offset + done, n);
     if (d.empty()) break;
     std::memcpy(buf.data() + done, d.data(), d.size());
     done += d.size();

@@ -43,8 +43,18 @@ class RemoteFile final : public ByteReader {
   size_t pread(uint64_t offset, MutableBytes buf);
   // Restarts sequential reading at `offset` (drops what was read ahead).
   void seek(uint64_t offset);
+  // Reads for an image reader that mostly moves forward (a qcow2 whose data is in guest order):
+  // at or a little past the sequential position through the pipeline; small reads elsewhere
+  // (tables) on a channel of their own, so the read-ahead goes on; large ones by seeking.
+  // Fills buf unless the file ends; returns the bytes read.
+  size_t read_at(uint64_t offset, MutableBytes buf);
 
  private:
+  template <class Fn>
+  size_t retrying(Fn&& fn);
+  size_t pread_once(uint64_t offset, MutableBytes buf);
+  size_t side_read(uint64_t offset, MutableBytes buf);
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string name_;
