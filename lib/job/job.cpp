@@ -168,6 +168,17 @@ class SentCounter final : public FilterSink {
   std::shared_ptr<std::atomic<uint64_t>> n_;
 };
 
+// Whether the newest jobs of the source hold `name` already (jobs of one source run one at a
+// time, so the one before is among the newest).
+bool name_taken(Queue& q, const Job& job, const std::string& name) {
+  JobFilter f;
+  f.source = job.source;
+  f.limit = 8;
+  for (const Job& other : q.list(f))
+    if (other.id != job.id && other.remote_path == name) return true;
+  return false;
+}
+
 std::vector<std::shared_ptr<RateLimiter>> limiters_for(const JobEnv& env, const SourceConf& src) {
   std::vector<std::shared_ptr<RateLimiter>> l;
   if (auto it = env.remote_limits.find(src.remote); it != env.remote_limits.end() && it->second)
@@ -246,6 +257,13 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
   std::string rel = job.remote_path;
   if (rel.empty()) {
     rel = render_name(src, Clock::now());
+    // A job queued again within the template's resolution (one second by default) would get
+    // the name of the one before and be taken for it (already_published): wait for a name of its
+    // own. A coarser template (a warning at config load) keeps the name after 2 s.
+    for (int i = 0; i < 20 && name_taken(q, job, rel); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      rel = render_name(src, Clock::now());
+    }
     q.set_remote_path(job.id, rel);
   }
   sftp::Url url = backup_url(rem, rel);
@@ -266,11 +284,24 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     }
   };
 
+  // Retention after every published backup, also one a killed process published and could not
+  // prune after.
+  auto prune = [&] {
+    try {
+      PruneResult p = prune_source(cfg, src, false);
+      for (auto& name : p.removed) q.event(job.id, "pruned", name);
+    } catch (const Error& e) {
+      // The backup is safe; a failed prune is tried again after the next one.
+      q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
+    }
+  };
+
   auto sent = std::make_shared<std::atomic<uint64_t>>(0);
   try {
     if (auto pub = already_published(url, so, r.remote_reached)) {
       q.event(job.id, "published",
               fmt::format("{} was already published by an earlier attempt", url.str()));
+      prune();
       drop_snapshot();
       q.finish_done(job.id, owner, pub->sha256, rel);
       r.sha256 = pub->sha256;
@@ -341,13 +372,7 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     q.event(job.id, "published",
             fmt::format("{} ({}, sha256 {})", url.str(), format_size(c.output_bytes), c.sha256));
     log(fmt::format("published {} ({})", url.str(), format_size(c.output_bytes)));
-    try {
-      PruneResult p = prune_source(cfg, src, false);
-      for (auto& name : p.removed) q.event(job.id, "pruned", name);
-    } catch (const Error& e) {
-      // The backup is safe; a failed prune is tried again after the next one.
-      q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
-    }
+    prune();
     drop_snapshot();
     q.finish_done(job.id, owner, c.sha256, rel);
     return JobState::Done;

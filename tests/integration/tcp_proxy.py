@@ -243,10 +243,12 @@ class _Conn:
             s.settimeout(_POLL)
         cut_on = p.cut_first is None or i < p.cut_first
         stall_on = p.stall_first is None or i < p.stall_first
+        cut_up, cut_down = (p.cut_up(i) if callable(p.cut_up) else p.cut_up,
+                            p.cut_down(i) if callable(p.cut_down) else p.cut_down)
         up = _Pipe(self, "up", self.client, self.server, p._bucket_up,
-                   p.cut_up if cut_on else None, p.stall_up if stall_on else None)
+                   cut_up if cut_on else None, p.stall_up if stall_on else None)
         down = _Pipe(self, "down", self.server, self.client, p._bucket_down,
-                     p.cut_down if cut_on else None, p.stall_down if stall_on else None)
+                     cut_down if cut_on else None, p.stall_down if stall_on else None)
         self.pipes = (up, down)
         for pipe in self.pipes:
             for fn in (pipe.read_loop, pipe.write_loop):
@@ -343,7 +345,9 @@ class TcpProxy:
     target: (host, port).  delay_*: one-way delay in ms (delay_up_ms/delay_down_ms override
     delay_ms for one direction).  rate*: bytes/s cap (rate sets both directions).
     cut_up/cut_down: reset a connection once that many bytes went that way; cut_first=K: only
-    connections 0..K-1.  stall_up/stall_down: after that many bytes, forward nothing in either
+    connections 0..K-1. Either may be a function of the connection's index returning the byte
+    count or None (no cut), called when the connection is accepted (random offsets per
+    connection).  stall_up/stall_down: after that many bytes, forward nothing in either
     direction for stall_seconds (None/inf: forever); stall_first=K likewise.
     max_buffer: bytes queued per direction before the proxy stops reading (default: 4 MiB
     without a rate cap, else max(64 KiB, rate * (delay + 50 ms))).
