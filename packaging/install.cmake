@@ -33,8 +33,9 @@ install(CODE [[
   else()
     set(_etc "${CMAKE_INSTALL_PREFIX}/etc/diskferry")
   endif()
+  # 0640: its hook and notify commands are where tokens end up (check-config warns otherwise).
   file(INSTALL DESTINATION "${_etc}" TYPE FILE PERMISSIONS OWNER_READ OWNER_WRITE GROUP_READ
-       WORLD_READ FILES "${DISKFERRY_EXAMPLE_CONFIG}")
+       FILES "${DISKFERRY_EXAMPLE_CONFIG}")
 ]])
 install(FILES ${CMAKE_SOURCE_DIR}/README.md ${CMAKE_SOURCE_DIR}/docs/operations.md
               ${CMAKE_SOURCE_DIR}/docs/architecture.md ${CMAKE_SOURCE_DIR}/docs/formats.md

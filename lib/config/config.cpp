@@ -864,6 +864,16 @@ Config load_config(const std::string& path) {
         "{}: owned by uid {}, not root, while the daemon runs as root: that user can change the "
         "hooks, which run as root",
         path, st.st_uid));
+  // Hook and notify commands are where a webhook token or a password ends up.
+  bool commands = !c.notify.on_success.empty() || !c.notify.on_failure.empty();
+  for (const auto& [name, s] : c.sources)
+    commands = commands || !s.hooks.pre_snapshot.empty() || !s.hooks.post_snapshot.empty() ||
+               !s.notify.on_success.empty() || !s.notify.on_failure.empty();
+  if ((st.st_mode & S_IROTH) && commands)
+    warnings.push_back(fmt::format(
+        "{}: readable by everyone (mode {:04o}) and holds hook or notify commands, which often "
+        "carry tokens or passwords; chmod o-r",
+        path, st.st_mode & 07777));
   struct stat dir {};
   std::string parent = absolute.parent_path().string();
   if (::stat(parent.c_str(), &dir) == 0 && (dir.st_mode & S_IWOTH) && !(dir.st_mode & S_ISVTX))

@@ -181,6 +181,9 @@ class DebPackage(unittest.TestCase):
         # The example configuration is valid as installed.
         c = run("/usr/bin/diskferry", "check-config", "--config", "/etc/diskferry/diskferry.yaml")
         self.assertEqual(c.returncode, 0, c.stderr)
+        # Its commands may hold tokens: not readable by everyone, so no warning about it.
+        self.assertEqual(os.stat("/etc/diskferry/diskferry.yaml").st_mode & 0o777, 0o640)
+        self.assertNotIn("readable by everyone", c.stderr)
         # Installing enabled and started nothing.
         wants = "/etc/systemd/system/timers.target.wants"
         self.assertFalse(os.path.lexists(os.path.join(wants, "diskferry-nightly.timer")))

@@ -694,6 +694,58 @@ class Reliability(unittest.TestCase):
                        f"probability 1/4 at a random offset: {cuts} cuts, {retries} retries, "
                        f"{len(px.connections)} connections"])
 
+    # -- 6 secrets -------------------------------------------------------------------------------
+    def test_6_secrets_stay_secret(self):
+        """A daemon remote whose private key is group-readable is refused (class config, no
+        retry, the fix named); a config file with commands that everyone may read is warned
+        about at start; and no line of the private key's base64 is in the SQLite file (with its
+        WAL), the daemon's log or anything else in the state directory."""
+        loose = os.path.join(self.state, "loose_key")
+        shutil.copy(self.server.client_key, loose)
+        os.chmod(loose, 0o640)
+        sources = {"ok": self.dense("ok", 4, 170, hooks='{pre_snapshot: "true"}'),
+                   "lk": self.dense("lk", 4, 171, remote="loose")}
+        self.write_config(sources, {"box": {}, "loose": {}})
+        with open(self.config) as f:
+            text = f.read()
+        # the "loose" remote with the group-readable copy of the same key
+        head, tail = text.split("  loose:\n", 1)
+        tail = tail.replace(self.server.client_key, loose, 1)
+        with open(self.config, "w") as f:
+            f.write(head + "  loose:\n" + tail)
+        os.chmod(self.config, 0o644)
+        self.cli("enqueue", "--all")
+        err = self.daemon("--once")
+        self.assertIn("readable by everyone (mode 0644) and holds hook or notify commands", err)
+        by_src = {j["source"]: j for j in self.jobs().values()}
+        self.assert_published(by_src["ok"], ["-O", "qcow2"])
+        lk = by_src["lk"]
+        self.assertEqual((lk["state"], lk["attempt"], lk["error_class"]),
+                         ("failed", 1, "config"), lk)
+        self.assertIn(f"{loose}: private key is accessible by group or others (mode 0640)",
+                      lk["error"])
+        self.assertIn("chmod 600", lk["error"])
+        with open(self.server.client_key) as f:
+            key_lines = [ln for ln in f.read().splitlines()[1:-1] if len(ln) >= 16]
+        self.assertTrue(key_lines)
+        blobs = {"daemon log": err.encode()}
+        for d, _, files in os.walk(self.state):
+            for n in files:
+                path = os.path.join(d, n)
+                if path in (loose,) or n.startswith("kh-"):
+                    continue
+                with open(path, "rb") as f:
+                    blobs[path] = f.read()
+        self.assertIn(os.path.join(self.state, "diskferry.db"), blobs)
+        for where, blob in blobs.items():
+            for ln in key_lines:
+                self.assertNotIn(ln.encode(), blob, f"key material in {where}")
+        figures("secrets", runs=1, faults=2, jobs_completed=1,
+                tried=["a group-readable private key on a daemon remote: refused, class config, "
+                       "not retried", "a 0644 config with hook commands: warned at start",
+                       f"{len(key_lines)} base64 lines of the private key searched in "
+                       f"{len(blobs)} files (SQLite DB and WAL, metrics, logs): none found"])
+
 
 if __name__ == "__main__":
     BIN = os.path.abspath(sys.argv.pop(1))

@@ -132,6 +132,7 @@ sources:
     remote: nas
 )");
   std::string base = (dir.path / "etc").string();
+  REQUIRE(chmod(path.c_str(), 0640) == 0);  // it has hooks: not for everyone to read
   Config c = load_config(path);
   CHECK(c.path == path);
   CHECK(c.state_dir == base + "/state");
@@ -357,7 +358,11 @@ TEST_CASE("config: YAML syntax errors carry yaml-cpp's line") {
         kFile + ":4: invalid YAML: end of sequence flow not found");
   CHECK(error_of("workers: 1\n  bad: indent\n") == kFile + ":2: invalid YAML: illegal map value");
   CHECK(error_of("workers: 1\n---\nworkers: 2\n") ==
-        kFile + ":3: a second YAML document (after ---); the configuration is one document");
+        kFile + ":2: a second YAML document (after ---); the configuration is one document");
+  // yaml-cpp's LoadAll never returns on these (fuzz_config; the input is in its corpus).
+  CHECK(error_of(",\n") == kFile + ":1: invalid YAML: a token outside any mapping or list");
+  CHECK(error_of(",remotes:\n  box: {url\xff\xff; \"sftp://b@nas remote: box}\n") ==
+        kFile + ":1: invalid YAML: a token outside any mapping or list");
   CHECK(error_of("a: *nothing\n") ==
         kFile + ":1: invalid YAML: the referenced anchor is not defined");
 }
@@ -544,6 +549,31 @@ TEST_CASE("config: load_config reports unreadable files and warns about writable
                        ": writable by everyone (mode 0666): anyone can change the hooks, which run "
                        "as commands; chmod o-w";
   CHECK(warned);
+}
+
+TEST_CASE("config: a file with commands (tokens) that everyone may read warns") {
+  TempDir dir;
+  const std::string secret =
+      "readable by everyone (mode 0644) and holds hook or notify "
+      "commands, which often carry tokens or passwords; chmod o-r";
+  auto warned = [&](const Config& c, const std::string& path) {
+    for (const auto& w : c.warnings)
+      if (w == path + ": " + secret) return true;
+    return false;
+  };
+  std::string path =
+      dir.write("n.yaml", "notify: {on_failure: \"curl -fsS https://hc.example/ping/SECRET\"}\n" +
+                              source(""));
+  REQUIRE(chmod(path.c_str(), 0644) == 0);
+  CHECK(warned(load_config(path), path));
+  REQUIRE(chmod(path.c_str(), 0640) == 0);
+  CHECK_FALSE(warned(load_config(path), path));
+  path = dir.write("h.yaml", source("    hooks: {pre_snapshot: \"virsh domfsfreeze web01\"}\n"));
+  REQUIRE(chmod(path.c_str(), 0644) == 0);
+  CHECK(warned(load_config(path), path));
+  path = dir.write("plain.yaml", source(""));  // nothing secret in it: no warning
+  REQUIRE(chmod(path.c_str(), 0644) == 0);
+  CHECK_FALSE(warned(load_config(path), path));
 }
 
 TEST_CASE("config: notify commands, global and per source (the source's keys win)") {
