@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 #include <algorithm>
 #include <cctype>
@@ -14,6 +15,7 @@
 #include <filesystem>
 #include <initializer_list>
 #include <map>
+#include <sstream>
 #include <string_view>
 #include <utility>
 
@@ -811,16 +813,49 @@ Config build(const Doc& d, const YAML::Node& root) {
   return c;
 }
 
+// Sees where each YAML document starts, and nothing else.
+struct DocumentCounter final : YAML::EventHandler {
+  int documents = 0;
+  YAML::Mark first, second;
+  void OnDocumentStart(const YAML::Mark& m) override {
+    if (++documents == 1)
+      first = m;
+    else if (documents == 2)
+      second = m;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
+
 }  // namespace
 
 Config parse_config(const std::string& text, const std::string& path, const std::string& base_dir) {
   Doc d{path, base_dir};
   try {
-    std::vector<YAML::Node> docs = YAML::LoadAll(text);
-    if (docs.size() > 1)
-      fail(d, line_of(docs[1], 1), "",
+    // Not YAML::LoadAll: yaml-cpp 0.7 loops forever (allocating) on a stray ',' outside any
+    // collection, where each call yields another empty document without reading on (found by
+    // fuzz_config). Counting documents with a bound and a progress check avoids it.
+    DocumentCounter counter;
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    for (int i = 0; i < 2 && parser.HandleNextDocument(counter); ++i) {
+    }
+    if (counter.documents > 1) {
+      if (counter.second.pos <= counter.first.pos)
+        fail(d, counter.first.line + 1, "", "invalid YAML: a token outside any mapping or list");
+      fail(d, counter.second.line + 1, "",
            "a second YAML document (after ---); the configuration is one document");
-    return build(d, docs.empty() ? YAML::Node() : docs[0]);
+    }
+    return build(d, YAML::Load(text));
   } catch (const YAML::Exception& e) {
     // Syntax errors; the readers above check types first, so conversions do not throw.
     if (e.mark.is_null()) fail(d, 1, "", "invalid YAML: " + e.msg);
