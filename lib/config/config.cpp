@@ -656,7 +656,7 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
   const std::map<std::string, RemoteConf>& remotes = conf.remotes;
   MapReader m(d, e.value,
               {"path", "snapshot", "snapshot_dir", "format", "compress", "remote", "name",
-               "retention", "retries", "hooks", "notify"},
+               "retention", "retries", "hooks", "notify", "verify"},
               "the source's settings (path, remote, ...)");
   SourceConf s;
   s.name = e.name;
@@ -740,6 +740,13 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
   if (auto v = m.get("hooks")) s.hooks = read_hooks(d, *v);
   s.notify = conf.notify;
   if (auto v = m.get("notify")) s.notify = read_notify(d, *v, conf.notify);
+  if (auto v = m.get("verify")) {
+    std::string mode = v->text("after_upload or none");
+    if (mode == "after_upload")
+      s.verify_after_upload = true;
+    else if (mode != "none")
+      v->fail(fmt::format("expected after_upload or none, got {}", in_quotes(mode)));
+  }
   return s;
 }
 

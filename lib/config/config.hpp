@@ -68,6 +68,9 @@ struct SourceConf {
   Retries retries;
   Hooks hooks;
   Notify notify;  // the source's own keys over the global notify: (a "" there turns one off)
+  // verify: after_upload: read the new backup back (diskferry verify) before retention; a
+  // backup that does not verify is removed and the job fails, older backups untouched.
+  bool verify_after_upload = false;
 };
 
 struct Config {

@@ -19,6 +19,7 @@
 #include "transport/sftp/channel.hpp"
 #include "transport/sink.hpp"
 #include "util/size.hpp"
+#include "verify/verify.hpp"
 
 namespace diskferry {
 namespace {
@@ -50,6 +51,7 @@ std::string parent_of(const std::string& path) {
 // others need a person.
 std::string error_class(const Error& e) {
   if (e.transient()) return "transient";
+  if (dynamic_cast<const VerifyError*>(&e)) return "verify";
   if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e)) {
     switch (c->failure()) {
       case sftp::ConnectFailure::HostKeyChanged:
@@ -286,6 +288,35 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
 
   // Retention after every published backup, also one a killed process published and could not
   // prune after.
+  // verify: after_upload. Before retention, so a bad new backup never makes an old one go.
+  auto verify_published = [&](const std::string& sha) {
+    if (!src.verify_after_upload) return;
+    sftp::ReadOptions ro;
+    ro.ssh = so.ssh;
+    ro.streams = so.streams;
+    ro.stall_timeout = so.stall_timeout;
+    VerifyReport v = verify_remote(url, ro, sha);
+    if (v.status == VerifyStatus::Ok) {
+      q.event(job.id, "verified",
+              fmt::format("{}: intact, read back (sha256 {})", url.str(), v.sha256));
+      return;
+    }
+    if (v.status == VerifyStatus::Unreachable)  // retried; the next attempt verifies again
+      throw sftp::DisconnectedError(fmt::format("verify after upload: {}", v.problem));
+    // Nothing may take a backup that does not verify for a good one: not retention, not the
+    // next attempt's "already published" check. Take it away, keep the older ones.
+    try {
+      sftp::SshSession session(url, so.ssh);
+      sftp::Channel ch(session, so.stall_timeout);
+      ch.remove(url.remote_path() + ".sha256");
+      ch.remove(url.remote_path());
+    } catch (const Error& e) {
+      q.event(job.id, "warning", fmt::format("could not remove {}: {}", url.str(), e.what()));
+    }
+    throw VerifyError(
+        fmt::format("verify after upload: {} (the new backup was removed)", v.problem));
+  };
+
   auto prune = [&] {
     try {
       PruneResult p = prune_source(cfg, src, false);
@@ -301,6 +332,7 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     if (auto pub = already_published(url, so, r.remote_reached)) {
       q.event(job.id, "published",
               fmt::format("{} was already published by an earlier attempt", url.str()));
+      verify_published(pub->sha256);
       prune();
       drop_snapshot();
       q.finish_done(job.id, owner, pub->sha256, rel);
@@ -372,6 +404,7 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     q.event(job.id, "published",
             fmt::format("{} ({}, sha256 {})", url.str(), format_size(c.output_bytes), c.sha256));
     log(fmt::format("published {} ({})", url.str(), format_size(c.output_bytes)));
+    verify_published(c.sha256);
     prune();
     drop_snapshot();
     q.finish_done(job.id, owner, c.sha256, rel);

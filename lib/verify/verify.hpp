@@ -33,6 +33,12 @@ struct VerifyReport {
   std::vector<std::string> notes;  // what was not checked, and why
 };
 
+// A backup that did not verify (the daemon's verify: after_upload): permanent for the job.
+class VerifyError : public Error {
+ public:
+  explicit VerifyError(const std::string& what) : Error(ErrorKind::Format, what) {}
+};
+
 // `expected_sha256`: the queue's record of the upload, checked too when given.
 VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& options,
                            const std::string& expected_sha256 = "");

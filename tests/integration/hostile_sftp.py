@@ -31,6 +31,8 @@ Modes (each misbehaves on the WRITE that takes the session past `after_bytes`):
   garbage             sends random bytes instead of the reply (after_bytes 0: right after
                       VERSION), then is mute
   write-fails-once    that WRITE gets SSH_FX_FAILURE, every other one succeeds
+  flip-written-byte   that WRITE's first byte is stored flipped, and answered OK (a server
+                      disk or RAM that corrupts data silently: what verify after upload is for)
   slow-then-silent    answers slowly (20 ms a reply), then reads on but never answers again
 
 stats-GENERATION-PID.json: {"mode", "max_write", "write_bytes", "writes", "ops": {name: count},
@@ -346,6 +348,9 @@ class Session:
             self.misbehave("went silent")
             self.mute = True
             return None
+        if trigger and m == "flip-written-byte" and data:
+            self.misbehave(f"stored WRITE {rid} at offset {off} with its first byte flipped")
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
         if trigger and m == "write-fails-once":
             self.misbehave(f"failed WRITE {rid} at offset {off}")
             return status(rid, FAILURE, "injected failure")

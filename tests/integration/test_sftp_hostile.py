@@ -327,6 +327,46 @@ class Hostile(unittest.TestCase):
         self.assertLess(secs, 15)
 
 
+    def daemon_job(self, name, mode):
+        """One diskferryd job (snapshot: none, verify: after_upload) against the server in
+        `mode`; returns the job as `diskferry list --json` shows it, and its event log."""
+        self.server.set_mode(mode)
+        state = os.path.join(self.dir, "state-" + name)
+        os.makedirs(state, exist_ok=True)
+        config = os.path.join(state, "diskferry.yaml")
+        with open(config, "w") as f:
+            f.write(f"state_dir: {state}\nremotes:\n  h:\n"
+                    f"    url: {self.server.url('backups/' + name)}\n"
+                    f"    identity: {self.server.client_key}\n    known_hosts: {self.kh}\n"
+                    f"sources:\n  s:\n    path: {self.src}\n    snapshot: none\n"
+                    f"    remote: h\n    verify: after_upload\n"
+                    f"    retries: {{max_attempts: 2, backoff: 1s..1s}}\n")
+        bindir = os.path.dirname(DF)
+        p = run(DF, "enqueue", "s", "--config", config)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = run(os.path.join(bindir, "diskferryd"), "--once", "--config", config, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        (job,) = json.loads(run(DF, "list", "--json", "--config", config).stdout)
+        show = run(DF, "show", str(job["id"]), "--config", config).stdout
+        return job, show
+
+    def test_verify_after_upload(self):
+        job, show = self.daemon_job("verified", "normal")
+        self.assertEqual(job["state"], "done", show)
+        self.assertIn("intact, read back", show)
+        # A server that stores one byte wrong and says OK: the backup is caught, removed, and
+        # the job fails for good (uploading again to the same disk would not help).
+        job, show = self.daemon_job("flipped", "flip-written-byte")
+        self.assertEqual((job["state"], job["error_class"], job["attempt"]),
+                         ("failed", "verify", 1), show)
+        self.assertRegex(job["error"], r"sha256 [0-9a-f]{64} does not match", show)
+        self.assertIn("the new backup was removed", job["error"])
+        self.assertEqual(len(self.misbehaved()), 1)
+        d = os.path.join(self.server.backups, "flipped")
+        left = [f for _, _, files in os.walk(d) for f in files]
+        self.assertEqual(left, [], "a backup that did not verify was left on the remote")
+
+
 if __name__ == "__main__":
     DF = os.path.abspath(sys.argv.pop(1))
     unittest.main(verbosity=2)
