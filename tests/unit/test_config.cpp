@@ -305,6 +305,11 @@ TEST_CASE("config: bad values name what is allowed") {
         kFile + ":8: sources.web01.snapshot: expected reflink or none, got \"lvm\"");
   CHECK(error_of(source("    format: vmdk\n")) ==
         kFile + ":8: sources.web01.format: expected qcow2, vhdx, raw or asis, got \"vmdk\"");
+  CHECK(error_of(source("    verify: sometimes\n")) ==
+        kFile + ":8: sources.web01.verify: expected after_upload or none, got \"sometimes\"");
+  CHECK(parse(source("    verify: after_upload\n")).sources.at("web01").verify_after_upload);
+  CHECK(!parse(source("    verify: none\n")).sources.at("web01").verify_after_upload);
+  CHECK(!parse(source("")).sources.at("web01").verify_after_upload);
   CHECK(error_of(source("    compress: xz\n")) ==
         kFile +
             ":8: sources.web01.compress: expected none, zstd[:LEVEL], gzip[:LEVEL], qcow2-zstd or "
