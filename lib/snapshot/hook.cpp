@@ -193,7 +193,8 @@ HookResult run_hook(const std::string& command, std::chrono::seconds timeout,
   bool eof = false, exited = false, timed_out = false;
   auto deadline = Clock::now() + timeout;
   while (!exited) {
-    auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+    // Rounded up: truncating would end the hook's time up to 1 ms before it is over.
+    auto left = std::chrono::ceil<milliseconds>(deadline - Clock::now());
     if (left.count() <= 0) {
       timed_out = true;
       break;
