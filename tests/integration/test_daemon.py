@@ -415,8 +415,10 @@ class Daemon(unittest.TestCase):
         self.fail("the upload did not start")
 
     def test_sigterm_stops_at_a_resumable_point(self):
-        self.config_sources = {"t": self.source("t", 11, mib=96)}
-        self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
+        # 32 MiB of data at 4 MiB/s: the signal comes while the source is still being read
+        # (the few MiB already queued for the remote are sent first).
+        self.config_sources = {"t": self.source("t", 11, mib=192)}
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 4M\n")
         self.cli("enqueue", "t")
         p = self.daemon(wait=False)
         self.wait_for_partial(8 * MiB)
