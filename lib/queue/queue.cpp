@@ -1,13 +1,18 @@
 #include "queue/queue.hpp"
 
+#include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <algorithm>
+#include <cerrno>
 #include <filesystem>
 #include <iterator>
 #include <mutex>
 #include <utility>
 
 #include "queue/sqlite.hpp"
+#include "util/fd.hpp"
 
 namespace diskferry {
 
@@ -253,6 +258,15 @@ std::string default_db_path(const std::string& state_dir) {
 struct Queue::Impl {
   Impl(const std::string& path, QueueOptions options)
       : db(path, options.busy_timeout), clock(std::move(options.clock)) {
+    // Setting up a new file (WAL mode, the schema) from two processes at once (the daemon
+    // starting while `diskferry list` runs) deadlocked in SQLite's locks until the busy timeout,
+    // or showed one a half-made header ("not a diskferry database"): seen in CI. Opening is
+    // serialised between processes by a lock file beside the database; only opening.
+    UniqueFd lock(::open((path + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!lock) throw_errno(ErrorKind::Output, path + ".lock", "cannot open", errno);
+    while (::flock(lock.get(), LOCK_EX) != 0) {
+      if (errno != EINTR) throw_errno(ErrorKind::Output, path + ".lock", "cannot lock", errno);
+    }
     open_database(db);
   }
 
