@@ -279,6 +279,16 @@ struct Queue::Impl {
     return read_job(s, db.path());
   }
 
+  // A worker's finish after a cancel request: the job is cancelled instead, with its error.
+  bool cancel_if_requested(const Job& job, Time t, const std::string& error,
+                           const std::string& error_class) {
+    if (!job.cancel_requested) return false;
+    cancel_now(job.id, t, error, error_class);
+    add_event(job.id, t, "cancelled",
+              fmt::format("stopped on cancel request: {}", with_class(error, error_class)));
+    return true;
+  }
+
   Job load(int64_t id) {
     auto job = find(id);
     if (!job) no_such_job(id);
@@ -535,10 +545,7 @@ JobState Queue::finish_retry(int64_t job_id, const std::string& owner, const std
   Transaction tx(db);
   const Job job = impl_->held(job_id, owner);
   const Time t = impl_->now();
-  if (job.cancel_requested) {
-    impl_->cancel_now(job_id, t, error, error_class);
-    impl_->add_event(job_id, t, "cancelled",
-                     fmt::format("stopped on cancel request: {}", with_class(error, error_class)));
+  if (impl_->cancel_if_requested(job, t, error, error_class)) {
     tx.commit();
     return JobState::Cancelled;
   }
@@ -564,10 +571,7 @@ JobState Queue::finish_failed(int64_t job_id, const std::string& owner, const st
   Transaction tx(db);
   const Job job = impl_->held(job_id, owner);
   const Time t = impl_->now();
-  if (job.cancel_requested) {
-    impl_->cancel_now(job_id, t, error, error_class);
-    impl_->add_event(job_id, t, "cancelled",
-                     fmt::format("stopped on cancel request: {}", with_class(error, error_class)));
+  if (impl_->cancel_if_requested(job, t, error, error_class)) {
     tx.commit();
     return JobState::Cancelled;
   }
