@@ -91,6 +91,7 @@ struct ImageArgs {
   // `remote`: the ssh options when SOURCE is an sftp:// URL (a restore).
   std::unique_ptr<Source> open(const RemoteArgs* remote = nullptr) const {
     SourceOptions so;
+    so.threads = threads;  // inflating compressed qcow2 clusters (0: all cores)
     if (!source_format.empty()) so.format = parse_source_format(source_format);
     if (format == "asis") {
       if (!source_format.empty())

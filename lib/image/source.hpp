@@ -63,6 +63,9 @@ struct SourceOptions {
   std::optional<std::vector<Extent>> layout;
   std::string layout_name;  // the layout file, for error messages
   SourceFormat format = SourceFormat::Auto;
+  // Threads that inflate compressed qcow2 clusters, a window of units ahead of the reader
+  // (0: one per core; 1: the pass inflates them itself, nothing read ahead).
+  int threads = 0;
   // Told about oddities that do not stop the read (a dirty qcow2 image), one line each without
   // a trailing newline; default: silent.
   std::function<void(const std::string&)> on_warning;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <zlib.h>
+#include <zstd.h>
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
@@ -256,4 +257,173 @@ TEST_CASE("qcow2 header: the source format can be forced") {
   Image img;
   auto q = dir.write("q.qcow2", img.b);
   CHECK(open_source(q, o)->known_size() == img.b.size());
+}
+
+namespace {
+
+// A larger image for the parallel inflation: n clusters of 2^bits bytes, each (from a seed) a
+// data, zero, unallocated or compressed cluster (deflate or zstd), optionally over a backing
+// file; `disk` is what it reads as (given the backing file's disk).
+struct MixedImage {
+  std::vector<std::byte> b, disk;
+  std::vector<size_t> compressed_at;  // file offsets of the compressed clusters, in guest order
+
+  MixedImage(uint32_t bits, size_t n, bool zstd, uint32_t seed,
+             const std::vector<std::byte>* backing = nullptr,
+             const std::string& backing_name = "") {
+    const size_t cs = size_t{1} << bits, per_l2 = cs / 8, tables = (n + per_l2 - 1) / per_l2;
+    b.resize((2 + tables) * cs);
+    disk.assign(n * cs, std::byte{0});
+    put_be32(b.data() + 0, kQcow2Magic);
+    put_be32(b.data() + 4, 3);
+    put_be32(b.data() + 20, bits);
+    put_be64(b.data() + 24, n * cs);
+    put_be32(b.data() + 36, static_cast<uint32_t>(tables));
+    put_be64(b.data() + 40, cs);
+    put_be32(b.data() + 56, 1);
+    if (zstd) put_be64(b.data() + 72, 1u << 3);  // compression type
+    put_be32(b.data() + 96, 4);
+    put_be32(b.data() + 100, 112);
+    b[104] = std::byte{zstd ? uint8_t{1} : uint8_t{0}};
+    if (!backing_name.empty()) {
+      put_be64(b.data() + 8, 400);
+      put_be32(b.data() + 16, static_cast<uint32_t>(backing_name.size()));
+      std::memcpy(b.data() + 400, backing_name.data(), backing_name.size());
+    }
+    for (size_t t = 0; t < tables; ++t) put_be64(b.data() + cs + 8 * t, (2 + t) * cs | kCopied);
+    uint32_t r = seed;
+    auto rnd = [&] { return r = r * 1103515245u + 12345u, r >> 16; };
+    for (size_t k = 0; k < n; ++k) {
+      const size_t l2 = (2 + k / per_l2) * cs + 8 * (k % per_l2);  // b grows: an offset
+      std::vector<std::byte> content(cs);
+      // Compressible but distinct: the cluster number, then a pattern.
+      for (size_t j = 0; j < cs; ++j)
+        content[j] = std::byte(static_cast<uint8_t>(j < 8 ? k >> (8 * j) : (k * 7 + j / 64)));
+      switch (rnd() % 5) {
+        case 0: {  // data
+          b.resize(round_up(b.size(), cs));
+          put_be64(b.data() + l2, b.size() | kCopied);
+          b.insert(b.end(), content.begin(), content.end());
+          break;
+        }
+        case 1:  // zero flag
+          put_be64(b.data() + l2, 1);
+          continue;
+        case 2:  // unallocated: the backing file's bytes
+          if (backing) std::copy_n(backing->begin() + k * cs, cs, disk.begin() + k * cs);
+          continue;
+        default: {  // compressed
+          std::vector<std::byte> z;
+          if (zstd) {
+            z.resize(ZSTD_compressBound(cs));
+            z.resize(ZSTD_compress(z.data(), z.size(), content.data(), cs, 3));
+          } else {
+            z = deflate_raw(content);
+          }
+          if (rnd() % 2) b.resize(b.size() + 1 + rnd() % 700);  // not sector-aligned
+          const uint64_t at = b.size();
+          b.insert(b.end(), z.begin(), z.end());
+          const uint64_t sectors = ((at + z.size() - 1) >> 9) - (at >> 9);
+          put_be64(b.data() + l2, kCompressedFlag | (sectors << (62 - (bits - 8))) | at);
+          compressed_at.push_back(at);
+          break;
+        }
+      }
+      std::copy(content.begin(), content.end(), disk.begin() + k * cs);
+    }
+    b.resize(round_up(b.size(), 512));
+  }
+};
+
+struct Read {
+  std::vector<std::pair<uint64_t, std::vector<std::byte>>> chunks;
+  std::string error;
+};
+
+// Every chunk a pass hands out, and the error it ends with (if any).
+Read read_chunks(const std::string& path, int threads, uint32_t unit) {
+  SourceOptions o;
+  o.threads = threads;
+  Read r;
+  try {
+    auto src = open_source(path, o);
+    auto pass = src->open_pass(unit);
+    std::vector<std::byte> buf(unit);
+    while (auto c = pass->next(buf))
+      r.chunks.emplace_back(c->offset,
+                            std::vector<std::byte>(buf.begin(), buf.begin() + c->length));
+  } catch (const Error& e) {
+    r.error = e.what();
+  }
+  return r;
+}
+
+std::vector<std::byte> assemble(const Read& r, size_t size) {
+  std::vector<std::byte> disk(size);
+  for (auto& [off, bytes] : r.chunks) std::copy(bytes.begin(), bytes.end(), disk.begin() + off);
+  return disk;
+}
+
+}  // namespace
+
+TEST_CASE("qcow2 source: compressed clusters inflate the same with 1, 2 and 4 threads") {
+  Dir dir;
+  // base: zstd, 8 KiB clusters (larger than the 4 KiB unit below, so one inflated cluster
+  // serves two units); top: deflate, 4 KiB clusters, over it.
+  MixedImage base(13, 384, true, 1);
+  dir.write("base.qcow2", base.b);
+  MixedImage top(12, 768, false, 2, &base.disk, "base.qcow2");
+  const auto path = dir.write("top.qcow2", top.b);
+  REQUIRE(top.compressed_at.size() > 100);
+  for (uint32_t unit : {4096u, 65536u, 1u << 20}) {
+    CAPTURE(unit);
+    const Read one = read_chunks(path, 1, unit);
+    REQUIRE(one.error == "");
+    CHECK(assemble(one, top.disk.size()) == top.disk);
+    for (int threads : {2, 4}) {
+      CAPTURE(threads);
+      const Read r = read_chunks(path, threads, unit);
+      CHECK(r.error == "");
+      CHECK(r.chunks == one.chunks);  // the same units, in the same order, with the same bytes
+    }
+  }
+}
+
+TEST_CASE("qcow2 source: a corrupt compressed cluster gives the same error with any thread count") {
+  Dir dir;
+  for (bool zstd : {false, true}) {
+    CAPTURE(zstd);
+    MixedImage img(12, 1024, zstd, 3);
+    REQUIRE(img.compressed_at.size() > 100);
+    // One in the middle: a reserved deflate block type, or a broken zstd magic.
+    const size_t at = img.compressed_at[img.compressed_at.size() / 2];
+    img.b[at] = zstd ? std::byte{0} : std::byte{0x07};
+    const auto path = dir.write(zstd ? "bad-zstd.qcow2" : "bad-deflate.qcow2", img.b);
+    const Read one = read_chunks(path, 1, 65536);
+    CHECK(one.error.find(path) != std::string::npos);
+    CHECK(one.error.find(zstd ? "zstd data is corrupt" : "deflate data is corrupt") !=
+          std::string::npos);
+    CHECK(one.error.find("compressed cluster for guest offset 0x") != std::string::npos);
+    for (int threads : {2, 4, 16}) {
+      CAPTURE(threads);
+      const Read r = read_chunks(path, threads, 65536);
+      CHECK(r.error == one.error);
+      CHECK(r.chunks == one.chunks);  // everything before the bad unit, nothing after
+    }
+  }
+}
+
+TEST_CASE("qcow2 source: a pass given up halfway with clusters in flight ends cleanly") {
+  Dir dir;
+  MixedImage img(12, 1024, false, 4);
+  const auto path = dir.write("m.qcow2", img.b);
+  SourceOptions o;
+  o.threads = 4;
+  auto src = open_source(path, o);
+  for (int stop_after : {0, 1, 5}) {
+    auto pass = src->open_pass(4096);
+    std::vector<std::byte> buf(4096);
+    for (int k = 0; k < stop_after; ++k) REQUIRE(pass->next(buf));
+  }  // each pass destroyed with its window of units still being inflated
+  CHECK(assemble(read_chunks(path, 4, 4096), img.disk.size()) == img.disk);
 }

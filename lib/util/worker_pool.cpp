@@ -1,4 +1,4 @@
-#include "pipeline/worker_pool.hpp"
+#include "util/worker_pool.hpp"
 
 namespace diskferry {
 
