@@ -1,5 +1,6 @@
 // `diskferry convert` and `diskferry measure`.
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -16,51 +17,48 @@
 namespace diskferry::cli {
 namespace {
 
-// Options shared by convert and measure.
-struct ImageArgs {
-  std::string source;
+// What makes one output: its format and the options that shape its bytes. The command's flags
+// give the defaults; each --to may override them.
+struct OutputText {
   std::string format;
   std::string cluster_size = "64K";
   std::string qcow2_compression;
   std::string block_size = "32M";
   std::string compress = "none";
-  std::string layout;
-  std::string source_format;
-  int threads = 0;
-  bool progress = false, no_progress = false;
+  std::string container = "none";
+  std::vector<std::string> container_files;
+  std::string container_name;
 
-  void add(CLI::App& c) {
-    c.add_option("SOURCE", source,
-                 "Raw or qcow2 image file or block device (qcow2 with its backing chain), "
-                 "gzip/zstd-compressed raw image (detected by their magic bytes), or - for stdin")
-        ->required();
-    c.add_option("--source-format", source_format,
-                 "Read SOURCE as raw or qcow2 instead of detecting it by its magic bytes");
-    c.add_option("-O,--format", format,
-                 "Output format: qcow2, vhdx, raw, or asis (the source file's bytes unchanged, "
-                 "e.g. a qcow2 file itself; --compress applies)")
-        ->required();
-    c.add_option("--cluster-size", cluster_size,
-                 "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
-    c.add_option("--qcow2-compression", qcow2_compression,
-                 "Compress each qcow2 cluster (like qemu-img convert -c): zlib or zstd. The "
-                 "image stays directly usable by QEMU");
-    c.add_option("--block-size", block_size,
-                 "VHDX block size, a power of two from 1M to 256M (default 32M)");
-    c.add_option("--compress", compress,
-                 "Compress the whole output: none, zstd[:LEVEL] (1-19, all cores) or "
-                 "gzip[:LEVEL] (1-9). Default none");
-    c.add_option("--layout", layout,
-                 "Read only the ranges listed in this `rbd diff --whole-object --format=json` "
-                 "file; everything else is written as zeros");
-    c.add_option("--threads", threads, "Compression threads (default: all cores)");
-    c.add_flag("--progress", progress,
-               "Show progress on stderr (default when stderr is a terminal)");
-    c.add_flag("--no-progress", no_progress, "Never show progress");
+  // "KEY=VALUE" from a --to spec.
+  void set(const std::string& spec, const std::string& kv) {
+    auto eq = kv.find('=');
+    std::string key = kv.substr(0, eq), value = eq == std::string::npos ? "" : kv.substr(eq + 1);
+    if (eq == std::string::npos || value.empty())
+      throw Error(ErrorKind::Usage, fmt::format("--to '{}': '{}' is not KEY=VALUE", spec, kv));
+    if (key == "compress")
+      compress = value;
+    else if (key == "cluster-size")
+      cluster_size = value;
+    else if (key == "qcow2-compression")
+      qcow2_compression = value;
+    else if (key == "block-size")
+      block_size = value;
+    else if (key == "container")
+      container = value;
+    else if (key == "container-file")
+      container_files.push_back(value);
+    else if (key == "container-name")
+      container_name = value;
+    else
+      throw Error(ErrorKind::Usage,
+                  fmt::format("--to '{}': unknown key '{}' (expected compress, cluster-size, "
+                              "qcow2-compression, block-size, container, container-file or "
+                              "container-name)",
+                              spec, key));
   }
 
-  ConvertOptions options() const {
-    ConvertOptions o;
+  OutputSpec spec(int threads) const {
+    OutputSpec o;
     o.writer.format = parse_format(format);
     uint64_t cs = parse_size(cluster_size, "--cluster-size");
     uint64_t bs = parse_size(block_size, "--block-size");
@@ -77,28 +75,146 @@ struct ImageArgs {
     else
       throw Error(ErrorKind::Usage, fmt::format("--qcow2-compression '{}': expected zlib or zstd",
                                                 qcow2_compression));
+    o.writer.threads = threads;
+    o.writer.validate();
     o.compress = StreamCompression::parse(compress);
+    if (container == "tar" || container == "ova")
+      o.container.tar = true;
+    else if (container != "none")
+      throw Error(
+          ErrorKind::Usage,
+          fmt::format("--container '{}': expected tar (ova is the same) or none", container));
+    if (!o.container.tar && (!container_files.empty() || !container_name.empty()))
+      throw Error(ErrorKind::Usage, "--container-file/--container-name need --container tar");
+    for (const auto& f : container_files) o.container.files.push_back(read_container_file(f));
+    return o;
+  }
+};
+
+// Where the image goes inside a container, unless --container-name says: the destination's
+// base name without its container and compression extensions, with the format's own extension
+// ("vm.ova" holds "vm.qcow2").
+std::string default_member_name(const std::string& dest, const std::string& source,
+                                ImageFormat format) {
+  auto base = [](std::string p) {
+    auto slash = p.rfind('/');
+    return slash == std::string::npos ? p : p.substr(slash + 1);
+  };
+  auto strip = [](std::string& n, std::initializer_list<const char*> exts) {
+    for (const char* e : exts) {
+      std::string x = e;
+      if (n.size() > x.size() && n.compare(n.size() - x.size(), x.size(), x) == 0) {
+        n.resize(n.size() - x.size());
+        return;
+      }
+    }
+  };
+  if (format == ImageFormat::Asis) return source == "-" ? "disk" : base(source);
+  std::string ext = format == ImageFormat::Raw ? ".img" : "." + format_name(format);
+  std::string n = dest == "-" ? "disk" : base(dest);
+  strip(n, {".zst", ".gz"});
+  strip(n, {".ova", ".tar"});
+  if (n.empty()) n = "disk";
+  if (n.size() < ext.size() || n.compare(n.size() - ext.size(), ext.size(), ext) != 0) n += ext;
+  return n;
+}
+
+// Options shared by convert and measure.
+struct ImageArgs {
+  std::string source;
+  std::vector<std::string> formats;
+  OutputText defaults;
+  std::string layout;
+  std::string source_format;
+  int threads = 0;
+  bool progress = false, no_progress = false;
+
+  void add(CLI::App& c, bool several) {
+    c.add_option("SOURCE", source,
+                 "Raw, qcow2 or VHDX image file or block device (qcow2 with its backing chain), "
+                 "gzip/zstd-compressed raw image (detected by their magic bytes), or - for stdin")
+        ->required();
+    c.add_option("--source-format", source_format,
+                 "Read SOURCE as raw, qcow2 or vhdx instead of detecting it by its magic bytes");
+    auto* f = c.add_option("-O,--format", formats,
+                           several ? "Output format: qcow2, vhdx, raw, or asis (the source file's "
+                                     "bytes unchanged, e.g. a qcow2 file itself; --compress "
+                                     "applies). Repeat -O with -o for several outputs"
+                                   : "Output format: qcow2, vhdx, raw, or asis");
+    if (!several) f->required()->expected(1);
+    c.add_option("--cluster-size", defaults.cluster_size,
+                 "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
+    c.add_option("--qcow2-compression", defaults.qcow2_compression,
+                 "Compress each qcow2 cluster (like qemu-img convert -c): zlib or zstd. The "
+                 "image stays directly usable by QEMU");
+    c.add_option("--block-size", defaults.block_size,
+                 "VHDX block size, a power of two from 1M to 256M (default 32M)");
+    c.add_option("--compress", defaults.compress,
+                 "Compress the whole output: none, zstd[:LEVEL] (1-19, all cores) or "
+                 "gzip[:LEVEL] (1-9). Default none");
+    c.add_option("--container", defaults.container,
+                 "Wrap the image in a POSIX tar archive: tar (or ova), default none. Needs the "
+                 "image size first, so the source is read twice (a file, not a pipe)");
+    c.add_option("--container-file", defaults.container_files,
+                 "A file put into the archive before the image, under its base name (repeat; "
+                 "an .ovf descriptor first makes an OVA)");
+    c.add_option("--container-name", defaults.container_name,
+                 "The image's name inside the archive (default: the destination's name with "
+                 "the format's extension, e.g. vm.ova holds vm.qcow2)");
+    c.add_option("--layout", layout,
+                 "Read only the ranges listed in this `rbd diff --whole-object --format=json` "
+                 "file; everything else is written as zeros");
+    c.add_option("--threads", threads, "Compression threads (default: all cores)");
+    c.add_flag("--progress", progress,
+               "Show progress on stderr (default when stderr is a terminal)");
+    c.add_flag("--no-progress", no_progress, "Never show progress");
+  }
+
+  ConvertOptions options() const {
+    ConvertOptions o;
     int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     if (threads < 0 || threads > 1024)
       throw Error(ErrorKind::Usage, "--threads: expected a number from 1 to 1024");
     o.threads = threads ? threads : cores;
-    o.writer.threads = o.threads;
     o.progress = !no_progress && (progress || ::isatty(STDERR_FILENO));
-    o.writer.validate();
     return o;
   }
 
-  // `remote`: the ssh options when SOURCE is an sftp:// URL (a restore).
-  std::unique_ptr<Source> open(const RemoteArgs* remote = nullptr) const {
+  // The one output of measure.
+  OutputSpec spec(const ConvertOptions& o) const {
+    OutputText t = defaults;
+    t.format = formats.at(0);
+    OutputSpec s = t.spec(o.threads);
+    if (s.container.tar)
+      s.container.image_name = !t.container_name.empty()
+                                   ? t.container_name
+                                   : default_member_name("-", source, s.writer.format);
+    s.container.image_mtime = source_mtime();
+    return s;
+  }
+
+  // The image member's time in a container: the source file's (stable across the attempts and
+  // runs of one backup, unlike the clock); 0 for stdin and remote sources.
+  int64_t source_mtime() const {
+    struct stat st {};
+    if (source == "-" || source.rfind("sftp://", 0) == 0 || ::stat(source.c_str(), &st) != 0)
+      return 0;
+    return st.st_mtime;
+  }
+
+  // `remote`: the ssh options when SOURCE is an sftp:// URL (a restore). `asis`: read the
+  // source file's own bytes.
+  std::unique_ptr<Source> open(bool asis, const RemoteArgs* remote = nullptr) const {
     SourceOptions so;
     so.threads = threads;  // inflating compressed qcow2 clusters (0: all cores)
     if (!source_format.empty()) so.format = parse_source_format(source_format);
-    if (format == "asis") {
+    if (asis) {
       if (!source_format.empty())
         throw Error(ErrorKind::Usage, "--source-format does not apply to -O asis");
       so.format = SourceFormat::File;
     }
     so.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
+    so.progress = !no_progress && (progress || ::isatty(STDERR_FILENO));
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);
       so.layout_name = layout;
@@ -111,15 +227,90 @@ struct ImageArgs {
   }
 };
 
+// One destination of convert, with what it is to hold.
+struct Target {
+  std::string dest;
+  OutputSpec spec;
+};
+
+// -O/-o pairs in order, then each --to FORMAT[,KEY=VALUE...]:DEST.
+std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& dests,
+                            const std::vector<std::string>& tos, int threads) {
+  std::vector<std::pair<OutputText, std::string>> texts;
+  if (a.formats.size() > 1 && a.formats.size() != dests.size())
+    throw Error(ErrorKind::Usage,
+                fmt::format("{} -O and {} -o given: with several outputs, give one -O per -o (in "
+                            "the same order), or use --to FORMAT:DEST",
+                            a.formats.size(), dests.size()));
+  if (!dests.empty() && a.formats.empty())
+    throw Error(ErrorKind::Usage, "-o needs -O FORMAT (or use --to FORMAT:DEST)");
+  if (dests.empty() && !a.formats.empty())
+    throw Error(ErrorKind::Usage, "-O needs -o DEST (use - for stdout)");
+  for (size_t i = 0; i < dests.size(); ++i) {
+    OutputText t = a.defaults;
+    t.format = a.formats.size() == 1 ? a.formats[0] : a.formats[i];
+    texts.emplace_back(t, dests[i]);
+  }
+  for (const auto& to : tos) {
+    auto colon = to.find(':');
+    if (colon == std::string::npos || colon + 1 == to.size())
+      throw Error(ErrorKind::Usage,
+                  fmt::format("--to '{}': expected FORMAT[,KEY=VALUE...]:DEST, e.g. "
+                              "qcow2,compress=zstd:sftp://box/vm.qcow2.zst",
+                              to));
+    OutputText t = a.defaults;
+    t.container_files.clear();  // a --to lists its own members
+    std::string head = to.substr(0, colon);
+    size_t at = 0;
+    for (bool first = true;; first = false) {
+      size_t comma = head.find(',', at);
+      std::string part = head.substr(at, comma == std::string::npos ? comma : comma - at);
+      if (first)
+        t.format = part;
+      else
+        t.set(to, part);
+      if (comma == std::string::npos) break;
+      at = comma + 1;
+    }
+    texts.emplace_back(t, to.substr(colon + 1));
+  }
+  if (texts.empty()) throw Error(ErrorKind::Usage, "no output: give -O FORMAT -o DEST or --to");
+  std::vector<Target> out;
+  int64_t mtime = a.source_mtime();
+  for (auto& [t, dest] : texts) {
+    Target tg{dest, t.spec(threads)};
+    if (tg.spec.container.tar)
+      tg.spec.container.image_name =
+          !t.container_name.empty() ? t.container_name
+                                    : default_member_name(dest, a.source, tg.spec.writer.format);
+    tg.spec.container.image_mtime = mtime;
+    for (const auto& other : out)
+      if (other.dest == dest && dest != "/dev/null")
+        throw Error(ErrorKind::Usage, fmt::format("{}: given as the destination twice", dest));
+    if (dest == "-")
+      for (const auto& other : out)
+        if (other.dest == "-") throw Error(ErrorKind::Usage, "stdout given twice");
+    out.push_back(std::move(tg));
+  }
+  bool asis = out[0].spec.writer.format == ImageFormat::Asis;
+  for (const auto& t : out)
+    if ((t.spec.writer.format == ImageFormat::Asis) != asis)
+      throw Error(ErrorKind::Usage,
+                  "-O asis (the source file's own bytes) cannot share a read with image formats "
+                  "(the disk inside): run them as two commands");
+  return out;
+}
+
 }  // namespace
 
 Run add_convert(CLI::App& app) {
   auto args = std::make_shared<ImageArgs>();
   auto remote = std::make_shared<RemoteArgs>();
-  auto dest = std::make_shared<std::string>();
+  auto dests = std::make_shared<std::vector<std::string>>();
+  auto tos = std::make_shared<std::vector<std::string>>();
   auto* c = app.add_subcommand(
       "convert",
-      "Convert a disk image to qcow2, VHDX or raw as a stream (file, block device, pipe)");
+      "Convert a disk image to qcow2, VHDX or raw as a stream (file, block device, pipe, SFTP)");
   c->footer(
       "Never seeks back in the output. A file destination is written as DEST.partial and renamed "
       "when complete. Output bytes\n"
@@ -139,33 +330,79 @@ Run add_convert(CLI::App& app) {
       "  diskferry convert sftp://backupbox/srv/web01.qcow2 -O raw -o /var/lib/libvirt/images/"
       "web01.img\n"
       "      (restore: streamed, nothing stored on the way; raw/.gz/.zst and qcow2 backups)\n\n"
+      "Several outputs from one read of the source (each -O goes with the -o in the same place;\n"
+      "--to FORMAT[,KEY=VALUE...]:DEST gives an output its own options, KEY being compress,\n"
+      "cluster-size, qcow2-compression, block-size, container, container-file, container-name):\n"
+      "  diskferry convert vm.qcow2 -O qcow2 -o vm-flat.qcow2 -O vhdx -o vm.vhdx\n"
+      "  diskferry convert vm.img --to qcow2,compress=zstd:sftp://box/vm.qcow2.zst --to "
+      "vhdx:/mnt/usb/vm.vhdx\n"
+      "An output that fails does not stop the others; the exit status is then 1.\n\n"
+      "OVA (tar with the .ovf descriptor first; tar -xOf vm.ova vm.qcow2 gives the image back):\n"
+      "  diskferry convert vm.qcow2 -O qcow2 --container tar --container-file vm.ovf -o vm.ova\n\n"
       "To a file, qcow2/VHDX are written in one pass and the header is rewritten at the end.\n"
-      "To a pipe (or with --compress), the source is read twice: once to plan, once to write.\n"
-      "stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and is refused.\n\n"
+      "To a pipe (or with --compress or --container), the source is read twice: once to plan,\n"
+      "once to write. stdin to a pipe is impossible for qcow2/VHDX without a temporary copy, and\n"
+      "is refused.\n\n"
       "To SFTP: written as NAME.partial, flushed (fsync@openssh.com), renamed into place, then\n"
       "NAME.sha256 (sha256sum -c format) beside it. Host keys are checked strictly. A dropped or\n"
       "stalled connection is resumed where every write was acknowledged (--retries); the bytes\n"
       "below that point are not sent again. Test a remote first: diskferry test-remote URL.\n\n"
       "Exit status: 0 success, 1 failure (the message names the file and the cause), 2 bad usage.");
-  args->add(*c);
-  c->add_option("-o,--output", *dest,
+  args->add(*c, true);
+  c->add_option("-o,--output", *dests,
                 "Destination: a file or block device, - for stdout, or "
-                "sftp://USER@HOST[:PORT]/PATH (/~/PATH: relative to the login directory)")
-      ->required();
+                "sftp://USER@HOST[:PORT]/PATH (/~/PATH: relative to the login directory). Repeat "
+                "for several outputs");
+  c->add_option("--to", *tos,
+                "Another output with its own options: FORMAT[,KEY=VALUE...]:DEST, e.g. "
+                "vhdx,block-size=1M:vm.vhdx (repeat)");
   remote->add(*c);
-  return [args, remote, dest]() {
+  return [args, remote, dests, tos]() {
     ConvertOptions o = args->options();
-    auto src = args->open(remote.get());
+    auto ts = targets(*args, *dests, *tos, o.threads);
+    auto src = args->open(ts[0].spec.writer.format == ImageFormat::Asis, remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
-    auto d = remote->open(*dest);
-    auto r = convert(*src, *d, o);
-    if (o.progress)
-      fmt::print(stderr, "wrote {} {} ({} virtual) to {}{}\n", format_name(o.writer.format),
-                 format_size(r.output_bytes), format_size(r.virtual_size),
-                 *dest == "-" ? "stdout" : *dest,
-                 r.sha256.empty() ? "" : fmt::format(", sha256 {}", r.sha256));
-    return 0;
+    if (ts.size() == 1) {
+      o.writer = ts[0].spec.writer;
+      o.compress = ts[0].spec.compress;
+      o.container = ts[0].spec.container;
+    }
+    std::vector<std::unique_ptr<Destination>> ds;
+    std::vector<Output> outs;
+    for (auto& t : ts) {
+      ds.push_back(remote->open(t.dest));
+      outs.push_back({t.spec, ds.back().get()});
+    }
+    auto results = convert_many(*src, outs, o);
+    int failed = 0;
+    std::exception_ptr first;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const auto& r = results[i].result;
+      const std::string& dest = ts[i].dest;
+      if (results[i].error) {
+        if (!first) first = results[i].error;
+        if (ts.size() > 1) {
+          try {
+            std::rethrow_exception(results[i].error);
+          } catch (const std::exception& e) {
+            fmt::print(stderr, "diskferry: {}\n", e.what());
+          }
+        }
+        ++failed;
+        continue;
+      }
+      if (o.progress || ts.size() > 1)
+        fmt::print(stderr, "wrote {}{} {} ({} virtual) to {}{}\n",
+                   format_name(ts[i].spec.writer.format), ts[i].spec.container.tar ? " in tar" : "",
+                   format_size(r.output_bytes), format_size(r.virtual_size),
+                   dest == "-" ? "stdout" : dest,
+                   r.sha256.empty() ? "" : fmt::format(", sha256 {}", r.sha256));
+    }
+    if (ts.size() == 1 && first) std::rethrow_exception(first);
+    if (failed)
+      fmt::print(stderr, "diskferry: {} of {} outputs failed (see above)\n", failed, ts.size());
+    return failed ? 1 : 0;
   };
 }
 
@@ -176,13 +413,18 @@ Run add_measure(CLI::App& app) {
                                "Print the exact size `convert` would write with the same options");
   c->footer(
       "Reads the source once to plan the layout. With --compress the whole output is compressed\n"
-      "and counted (not stored), since its size is only known that way.\n\n"
+      "and counted (not stored), since its size is only known that way. With --container tar\n"
+      "the archive is counted (the image name inside it follows --container-name).\n\n"
       "Example: diskferry measure vm.img -O qcow2 --qcow2-compression zstd --json");
-  args->add(*c);
+  args->add(*c, false);
   c->add_flag("--json", *json, "Print {\"size\": N, ...} as JSON");
   return [args, json]() {
     ConvertOptions o = args->options();
-    auto src = args->open();
+    OutputSpec s = args->spec(o);
+    o.writer = s.writer;
+    o.compress = s.compress;
+    o.container = s.container;
+    auto src = args->open(s.writer.format == ImageFormat::Asis);
     auto r = measure(*src, o);
     if (*json) {
       nlohmann::json j{{"size", r.output_bytes},
@@ -191,9 +433,10 @@ Run add_measure(CLI::App& app) {
                        {"format", format_name(o.writer.format)}};
       fmt::print("{}\n", j.dump());
     } else {
-      fmt::print("size: {} ({})\nvirtual size: {} ({})\nformat: {}{}\n", r.output_bytes,
+      fmt::print("size: {} ({})\nvirtual size: {} ({})\nformat: {}{}{}\n", r.output_bytes,
                  format_size(r.output_bytes), r.virtual_size, format_size(r.virtual_size),
-                 format_name(o.writer.format), o.compress.extension());
+                 format_name(o.writer.format), o.container.tar ? " in tar" : "",
+                 o.compress.extension());
     }
     return 0;
   };

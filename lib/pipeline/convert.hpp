@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "codec/encode.hpp"
+#include "format/tar.hpp"
 #include "format/writer.hpp"
 #include "image/source.hpp"
 #include "transport/destination.hpp"
@@ -17,9 +19,19 @@
 
 namespace diskferry {
 
-struct ConvertOptions {
+// What one output is: its image format, outer compression and container.
+struct OutputSpec {
   WriterOptions writer;
   StreamCompression compress;
+  ContainerOptions container;
+};
+
+struct ConvertOptions {
+  // The output of convert() and measure(); convert_many() takes one per output instead.
+  WriterOptions writer;
+  StreamCompression compress;
+  ContainerOptions container;
+  OutputSpec output() const { return {writer, compress, container}; }
   bool progress = false;
   int threads = 1;  // cluster compression and zstd workers
   // Attempts after the first when the destination drops (resumable destinations only), and the
@@ -56,6 +68,24 @@ struct ConvertResult {
 // regenerates the same bytes and the destination sends only what it does not have yet.
 ConvertResult convert(Source& source, Destination& dest, const ConvertOptions& options);
 ConvertResult convert(Source& source, std::unique_ptr<Sink> dest, const ConvertOptions& options);
+
+struct Output {
+  OutputSpec spec;
+  Destination* dest = nullptr;
+};
+
+struct OutputOutcome {
+  ConvertResult result;
+  std::exception_ptr error;  // null: committed
+};
+
+// Several outputs from one read of the source (per pass: a planning pass is shared too). An
+// output that fails does not stop the others: it is aborted, retried on its own when resumable
+// (a second read of the source, sending only what the destination lacks), and its error is
+// returned in its outcome, in the order given. Errors of the source itself end every output and
+// propagate.
+std::vector<OutputOutcome> convert_many(Source& source, const std::vector<Output>& outputs,
+                                        const ConvertOptions& options);
 
 // The exact size `convert` would produce with the planned layout.
 ConvertResult measure(Source& source, const ConvertOptions& options);
