@@ -14,6 +14,8 @@
 #include "codec/decode.hpp"
 #include "image/qcow2_header.hpp"
 #include "image/qcow2_source.hpp"
+#include "image/vhdx_header.hpp"
+#include "image/vhdx_source.hpp"
 #include "util/fd.hpp"
 
 namespace diskferry {
@@ -272,14 +274,16 @@ std::unique_ptr<ByteReader> refuse_qcow2_stream(std::unique_ptr<ByteReader> r,
                                                 const std::string& name, SourceCompression c,
                                                 const SourceOptions& opts) {
   if (opts.format == SourceFormat::Raw || opts.format == SourceFormat::File) return r;
-  std::vector<std::byte> head(4);
+  std::vector<std::byte> head(8);
   head.resize(r->read(head));
-  if (opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head))
+  const bool vhdx = opts.format == SourceFormat::Vhdx || is_vhdx_magic(head);
+  if (opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head) || vhdx)
     throw Error(ErrorKind::Input,
-                fmt::format("{}: a qcow2 image{} cannot be read as a stream: its tables point "
+                fmt::format("{}: a {} image{} cannot be read as a stream: its tables point "
                             "anywhere in the file, so it needs random access; give the "
                             "uncompressed image file itself",
-                            name, c == SourceCompression::None ? "" : " inside a compressed file"));
+                            name, vhdx ? "VHDX" : "qcow2",
+                            c == SourceCompression::None ? "" : " inside a compressed file"));
   return std::make_unique<PeekedReader>(std::move(r), std::move(head));
 }
 
@@ -301,7 +305,9 @@ std::vector<Extent> normalise(std::vector<Extent> v) {
 SourceFormat parse_source_format(const std::string& s) {
   if (s == "raw") return SourceFormat::Raw;
   if (s == "qcow2") return SourceFormat::Qcow2;
-  throw Error(ErrorKind::Usage, fmt::format("--source-format '{}': expected raw or qcow2", s));
+  if (s == "vhdx") return SourceFormat::Vhdx;
+  throw Error(ErrorKind::Usage,
+              fmt::format("--source-format '{}': expected raw, qcow2 or vhdx", s));
 }
 
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
@@ -346,12 +352,16 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
                                           std::move(opts));
   }
 
-  std::vector<std::byte> head(4);
+  std::vector<std::byte> head(8);
   head.resize(pread_some(fd.get(), head, 0, path));
   SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
   bool qcow2 = opts.format == SourceFormat::Qcow2 ||
                (opts.format == SourceFormat::Auto && is_qcow2_magic(head));
+  bool vhdx = opts.format == SourceFormat::Vhdx ||
+              (opts.format == SourceFormat::Auto && is_vhdx_magic(head));
   if (qcow2 && c == SourceCompression::None) return open_qcow2_source(std::move(fd), path, opts);
+  if (vhdx && c == SourceCompression::None)
+    return open_vhdx_source(std::move(fd), path, size, opts);
   if (c == SourceCompression::None)
     return std::make_unique<RawFileSource>(path, size, std::move(opts));
   // Each pass decompresses the file again; look at the first decompressed bytes now.

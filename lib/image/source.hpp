@@ -54,9 +54,9 @@ class Source {
 
 enum class SourceCompression { None, Gzip, Zstd };
 
-// What the (decompressed) bytes are. Auto: qcow2 when they start with its magic, else raw.
-// File: the file's own bytes, neither decompressed nor read as qcow2 (for -O asis).
-enum class SourceFormat { Auto, Raw, Qcow2, File };
+// What the (decompressed) bytes are. Auto: qcow2 or VHDX when they start with its magic, else
+// raw. File: the file's own bytes, neither decompressed nor read as an image (for -O asis).
+enum class SourceFormat { Auto, Raw, Qcow2, Vhdx, File };
 
 struct SourceOptions {
   // Ranges to read (from an rbd diff layout file); everything else reads as zero.
@@ -71,17 +71,17 @@ struct SourceOptions {
   std::function<void(const std::string&)> on_warning;
 };
 
-// "raw" or "qcow2" (as --source-format takes it). Throws Error(Usage) otherwise.
+// "raw", "qcow2" or "vhdx" (as --source-format takes it). Throws Error(Usage) otherwise.
 SourceFormat parse_source_format(const std::string& s);
 
-// PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name, and so is
-// qcow2 (which must be a file or block device: it is read at random offsets).
+// PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name, and so are
+// qcow2 and VHDX (which must be a file or block device: they are read at random offsets).
 // Throws Error(Input|Format) naming the path and the cause.
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options = {});
 
 class ByteReader;
 // A source read front to back through `open()`, called again for every pass (a file on an SFTP
-// server): gzip/zstd found by magic and undone, a qcow2 inside refused as for stdin.
+// server): gzip/zstd found by magic and undone, a qcow2 or VHDX inside refused as for stdin.
 // `input_bytes`: what a pass reads (the compressed size), for progress.
 std::unique_ptr<Source> open_stream_source(const std::string& name,
                                            std::function<std::unique_ptr<ByteReader>()> open,

@@ -10,6 +10,7 @@
 #include "pipeline/checksum.hpp"
 #include "transport/sftp/channel.hpp"
 #include "verify/qcow2_check.hpp"
+#include "verify/vhdx_check.hpp"
 
 namespace diskferry {
 namespace {
@@ -146,6 +147,19 @@ VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& option
           structure(e.what());
           q.reset();
         }
+      } else if (r.format == "vhdx") {
+        try {
+          r.virtual_size = check_vhdx(
+                               [&](uint64_t off, size_t len) {
+                                 std::vector<std::byte> d(len);
+                                 d.resize(file->pread(off, d));
+                                 return d;
+                               },
+                               r.size, name)
+                               .virtual_size;
+        } catch (const StructureError& e) {
+          structure(e.what());
+        }
       }
       file->seek(0);
       uint64_t off = 0;
@@ -181,7 +195,8 @@ VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& option
             size_t k = std::min(n, kUnit - inner_head.size());
             inner_head.insert(inner_head.end(), d.begin(), d.begin() + static_cast<long>(k));
           }
-          if (!inner_head.empty() && is_qcow2(inner_head)) tail.add(d);
+          if (!inner_head.empty() && (is_qcow2(inner_head) || format_of(inner_head) == "vhdx"))
+            tail.add(d);
           total += n;
         }
       } catch (const Error& e) {
@@ -216,8 +231,35 @@ VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& option
             structure(e.what());
         }
       }
+      if (structure_problem.empty() && r.format == "vhdx") {
+        // The header section is the first MiB, kept in inner_head; diskferry writes the BAT and
+        // the metadata last, so they are in the tail.
+        bool in_tail = true;
+        try {
+          r.virtual_size = check_vhdx(
+                               [&](uint64_t off, size_t len) {
+                                 if (off + len <= inner_head.size())
+                                   return std::vector<std::byte>(
+                                       inner_head.begin() + static_cast<long>(off),
+                                       inner_head.begin() + static_cast<long>(off + len));
+                                 if (!tail.holds(off, len)) {
+                                   in_tail = false;
+                                   throw StructureError("");
+                                 }
+                                 return tail.at(off, len);
+                               },
+                               total, name)
+                               .virtual_size;
+        } catch (const StructureError& e) {
+          if (!in_tail)
+            r.notes.push_back(
+                "the VHDX tables are not in the last 64 MiB of the stream; they were not "
+                "checked");
+          else
+            structure(e.what());
+        }
+      }
     }
-    if (r.format == "vhdx") r.notes.push_back("VHDX tables are not validated yet");
     r.sha256 = hash.hex();
   } catch (const sftp::DisconnectedError& e) {
     r.status = VerifyStatus::Unreachable;

@@ -2,11 +2,11 @@
 
 #include <fmt/format.h>
 
-#include <cstring>
-
 #include "codec/decode.hpp"
 #include "image/qcow2_header.hpp"
 #include "image/qcow2_source.hpp"
+#include "image/vhdx_header.hpp"
+#include "image/vhdx_source.hpp"
 
 namespace diskferry::sftp {
 
@@ -19,16 +19,13 @@ std::unique_ptr<Source> open_remote_source(const Url& url, const ReadOptions& re
   const bool raw_forced =
       options.format == SourceFormat::Raw || options.format == SourceFormat::File;
   if (!raw_forced && detect_compression(head) == SourceCompression::None) {
-    if (options.format == SourceFormat::Qcow2 || is_qcow2_magic(head)) {
-      return open_remote_qcow2_source(
-          [file](MutableBytes buf, uint64_t off) { return file->read_at(off, buf); }, file->size(),
-          name, options);
-    }
-    if (head.size() == 8 && std::memcmp(head.data(), "vhdxfile", 8) == 0)
-      throw Error(ErrorKind::Input,
-                  fmt::format("{}: a VHDX image; diskferry cannot read VHDX yet (download it and "
-                              "use qemu-img convert)",
-                              name));
+    ReadAt read_at = [file](MutableBytes buf, uint64_t off) { return file->read_at(off, buf); };
+    if (options.format == SourceFormat::Qcow2 ||
+        (options.format == SourceFormat::Auto && is_qcow2_magic(head)))
+      return open_remote_qcow2_source(std::move(read_at), file->size(), name, options);
+    if (options.format == SourceFormat::Vhdx ||
+        (options.format == SourceFormat::Auto && is_vhdx_magic(head)))
+      return open_vhdx_source_at(std::move(read_at), file->size(), name, options);
   }
   // Each pass reads the file again from its start: the first one on the connection already
   // open, later ones on a new one.

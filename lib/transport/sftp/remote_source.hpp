@@ -11,10 +11,10 @@
 namespace diskferry::sftp {
 
 // raw, .gz and .zst files are read front to back (each pass downloads again, since nothing is
-// kept on local disk); a qcow2 without outer compression is read like a local one, its data
-// streamed in file order with pipelining and its tables fetched beside it. Refused, naming the
-// file: a qcow2 inside .gz/.zst (it needs random access), VHDX (not readable yet), a qcow2 with
-// a backing file.
+// kept on local disk); a qcow2 or VHDX without outer compression is read like a local one, its
+// data streamed in file order with pipelining and its tables fetched beside it. Refused, naming
+// the file: a qcow2 or VHDX inside .gz/.zst (it needs random access), a qcow2 with a backing
+// file, a differencing VHDX.
 std::unique_ptr<Source> open_remote_source(const Url& url, const ReadOptions& read,
                                            const SourceOptions& options);
 
