@@ -16,6 +16,8 @@
 #include "image/qcow2_source.hpp"
 #include "image/vhdx_header.hpp"
 #include "image/vhdx_source.hpp"
+#include "image/vhdx_header.hpp"
+#include "image/vhdx_source.hpp"
 #include "util/fd.hpp"
 
 namespace diskferry {
