@@ -16,8 +16,6 @@
 #include "image/qcow2_source.hpp"
 #include "image/vhdx_header.hpp"
 #include "image/vhdx_source.hpp"
-#include "image/vhdx_header.hpp"
-#include "image/vhdx_source.hpp"
 #include "util/fd.hpp"
 
 namespace diskferry {
