@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "image/source.hpp"
+#include "pass_contract.hpp"
 #include "util/error.hpp"
 #include "util/fd.hpp"
 
@@ -48,18 +49,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   opts.on_warning = [](const std::string&) {};
   try {
     auto src = diskferry::open_source(path, opts);
-    auto pass = src->open_pass(kUnit);
-    std::vector<std::byte> buf(kUnit);
-    uint64_t last_end = 0;
-    for (size_t n = 0; n < kMaxChunks; ++n) {
-      auto c = pass->next(buf);
-      if (!c) break;
-      // The Pass contract: aligned, increasing, within the disk.
-      if (c->offset % kUnit || c->offset < last_end || c->length == 0 || c->length > kUnit ||
-          c->offset + c->length > *src->known_size())
-        abort();
-      last_end = c->offset + c->length;
-    }
+    diskferry::fuzz::read_pass(*src, kUnit, kMaxChunks);
   } catch (const diskferry::Error&) {
   }
   return 0;
