@@ -250,12 +250,14 @@ Run add_prune(CLI::App& app) {
     if (srcs.empty())
       throw Error(ErrorKind::Usage, fmt::format("{}: no source named '{}'", conf.path, *source));
     for (auto* s : srcs) {
-      PruneResult r = prune_source(conf, *s, *dry);
-      for (auto& d : r.plan.keep)
-        fmt::print("{}: keep   {}  ({})\n", s->name, d.backup.name, d.reason);
-      for (auto& d : r.plan.remove)
-        fmt::print("{}: {} {}  ({})\n", s->name, *dry ? "would remove" : "removed", d.backup.name,
-                   d.reason);
+      for (size_t i = 0; i < s->output_count(); ++i) {  // each output has its own backups
+        PruneResult r = prune_source(conf, s->output(i), *dry);
+        for (auto& d : r.plan.keep)
+          fmt::print("{}: keep   {}  ({})\n", s->name, d.backup.name, d.reason);
+        for (auto& d : r.plan.remove)
+          fmt::print("{}: {} {}  ({})\n", s->name, *dry ? "would remove" : "removed", d.backup.name,
+                     d.reason);
+      }
     }
     return 0;
   };

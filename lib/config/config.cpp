@@ -650,13 +650,46 @@ void check_template(const SourceConf& s, std::vector<std::string>& warnings) {
     bad("names it renders cannot be read back for retention (digits right after %s?)" + example);
 }
 
+// format: and compress: of a source or of one of its extra_outputs.
+void read_output(const MapReader& m, ImageFormat& format, StreamCompression& compress,
+                 ClusterCodec& cluster_codec) {
+  if (auto v = m.get("format")) {
+    std::string f = v->text("qcow2, vhdx, raw or asis");
+    try {
+      format = parse_format(f);
+    } catch (const Error&) {
+      v->fail(fmt::format("expected qcow2, vhdx, raw or asis, got {}", in_quotes(f)));
+    }
+  }
+  if (auto v = m.get("compress")) {
+    std::string c = v->text("a compression");
+    if (c == "qcow2-zstd" || c == "qcow2-zlib") {
+      if (format != ImageFormat::Qcow2)
+        v->fail(fmt::format("{} compresses clusters inside a qcow2 image, but format is {}", c,
+                            format_name(format)));
+      cluster_codec = c == "qcow2-zstd" ? ClusterCodec::Zstd : ClusterCodec::Deflate;
+    } else {
+      std::string codec = c.substr(0, c.find(':'));
+      if (codec != "none" && codec != "zstd" && codec != "gzip" && codec != "gz")
+        v->fail(fmt::format(
+            "expected none, zstd[:LEVEL], gzip[:LEVEL], qcow2-zstd or qcow2-zlib, got {}",
+            in_quotes(c)));
+      try {
+        compress = StreamCompression::parse(c);
+      } catch (const Error& err) {
+        v->fail(without_prefix(err.what(), "--compress '" + c + "': "));
+      }
+    }
+  }
+}
+
 // name_line: where the name template is (or the source, for the default), for later checks.
 SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
                        std::vector<std::string>& warnings, int& name_line) {
   const std::map<std::string, RemoteConf>& remotes = conf.remotes;
   MapReader m(d, e.value,
               {"path", "snapshot", "snapshot_dir", "format", "compress", "remote", "name",
-               "retention", "retries", "hooks", "notify", "verify"},
+               "retention", "retries", "hooks", "notify", "verify", "extra_outputs"},
               "the source's settings (path, remote, ...)");
   SourceConf s;
   s.name = e.name;
@@ -680,35 +713,7 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
     s.snapshot_dir = (fs::path(s.path).parent_path() / ".diskferry-snapshots").string();
   }
 
-  if (auto v = m.get("format")) {
-    std::string f = v->text("qcow2, vhdx, raw or asis");
-    try {
-      s.format = parse_format(f);
-    } catch (const Error&) {
-      v->fail(fmt::format("expected qcow2, vhdx, raw or asis, got {}", in_quotes(f)));
-    }
-  }
-  if (auto v = m.get("compress")) {
-    std::string c = v->text("a compression");
-    if (c == "qcow2-zstd" || c == "qcow2-zlib") {
-      if (s.format != ImageFormat::Qcow2)
-        v->fail(fmt::format("{} compresses clusters inside a qcow2 image, but format is {}", c,
-                            format_name(s.format)));
-      s.cluster_codec = c == "qcow2-zstd" ? ClusterCodec::Zstd : ClusterCodec::Deflate;
-    } else {
-      std::string codec = c.substr(0, c.find(':'));
-      if (codec != "none" && codec != "zstd" && codec != "gzip" && codec != "gz")
-        v->fail(fmt::format(
-            "expected none, zstd[:LEVEL], gzip[:LEVEL], qcow2-zstd or qcow2-zlib, got {}",
-            in_quotes(c)));
-      try {
-        s.compress = StreamCompression::parse(c);
-      } catch (const Error& err) {
-        v->fail(without_prefix(err.what(), "--compress '" + c + "': "));
-      }
-    }
-  }
-
+  read_output(m, s.format, s.compress, s.cluster_codec);
   Value remote = m.required("remote", "the name of a remote under remotes:");
   s.remote = remote.text("a remote's name");
   if (!remotes.count(s.remote)) {
@@ -734,6 +739,31 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
   }
   for (const auto& w : template_warnings)
     warnings.push_back(fmt::format("{}:{}: {}: {}", d.file, name_line, name_key, w));
+
+  if (auto v = m.get("extra_outputs")) {
+    if (!v->node.IsSequence() || v->node.size() == 0)
+      v->fail("expected a list of outputs, e.g. [{format: vhdx}, {format: raw, compress: gzip}]");
+    for (size_t i = 0; i < v->node.size(); ++i) {
+      Value item{v->doc, v->node[i], fmt::format("{}[{}]", v->key, i),
+                 line_of(v->node[i], v->line)};
+      MapReader om(d, item, {"format", "compress"}, "an output's settings (format, compress)");
+      om.required("format", "qcow2, vhdx or raw");
+      OutputConf o;
+      read_output(om, o.format, o.compress, o.cluster_codec);
+      if (o.format == ImageFormat::Asis || s.format == ImageFormat::Asis)
+        item.fail("format asis (the file's own bytes) cannot share a read with other outputs");
+      s.extra_outputs.push_back(o);
+    }
+    if (s.name_template.find("{ext}") == std::string::npos)
+      v->fail("the source's name has no {ext}: its outputs would get the same name");
+    for (size_t i = 0; i < s.output_count(); ++i)
+      for (size_t j = 0; j < i; ++j)
+        if (extension(s.output(i)) == extension(s.output(j)))
+          v->fail(
+              fmt::format("two outputs would both be named .{} (give each its own format "
+                          "or compression)",
+                          extension(s.output(i))));
+  }
 
   if (auto v = m.get("retention")) s.retention = read_retention(d, *v);
   if (auto v = m.get("retries")) s.retries = read_retries(d, *v);

@@ -53,6 +53,13 @@ struct Notify {
   std::chrono::seconds timeout{60};
 };
 
+// One output of a source's read: what extra_outputs lists beside the source's own format.
+struct OutputConf {
+  ImageFormat format = ImageFormat::Qcow2;
+  StreamCompression compress;
+  ClusterCodec cluster_codec = ClusterCodec::None;
+};
+
 struct SourceConf {
   std::string name;    // [A-Za-z0-9._-]+, not starting with '.'
   std::string origin;  // "FILE:LINE" of its definition
@@ -71,6 +78,23 @@ struct SourceConf {
   // verify: after_upload: read the new backup back (diskferry verify) before retention; a
   // backup that does not verify is removed and the job fails, older backups untouched.
   bool verify_after_upload = false;
+  // More outputs written from the same snapshot and read (e.g. a VHDX beside the qcow2.zst):
+  // each has the source's name with its own {ext}, its own sidecar, verify and retention.
+  std::vector<OutputConf> extra_outputs;
+
+  // The source as output i sees it (0: itself; i > 0: extra_outputs[i - 1]'s format and
+  // compression), for naming, retention and listing.
+  SourceConf output(size_t i) const {
+    SourceConf s = *this;
+    s.extra_outputs.clear();
+    if (i > 0) {
+      s.format = extra_outputs.at(i - 1).format;
+      s.compress = extra_outputs.at(i - 1).compress;
+      s.cluster_codec = extra_outputs.at(i - 1).cluster_codec;
+    }
+    return s;
+  }
+  size_t output_count() const { return 1 + extra_outputs.size(); }
 };
 
 struct Config {

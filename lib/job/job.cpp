@@ -269,6 +269,22 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     q.set_remote_path(job.id, rel);
   }
   sftp::Url url = backup_url(rem, rel);
+  // Every output of the source's one read: the source's own, then extra_outputs, named like
+  // the first with their own {ext} and the same time (so each attempt finds the same names).
+  struct Out {
+    SourceConf view;
+    std::string rel;
+    sftp::Url url;
+  };
+  std::vector<Out> outs;
+  {
+    auto when = match_name(src, rel);
+    for (size_t i = 0; i < src.output_count(); ++i) {
+      SourceConf v = src.output(i);
+      std::string n = i == 0 ? rel : render_name(v, when.value_or(Clock::now()));
+      outs.push_back({v, n, backup_url(rem, n)});
+    }
+  }
   r.remote_path = rel;
   r.url = url.str();
   q.event(job.id, "attempt",
@@ -289,16 +305,16 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
   // Retention after every published backup, also one a killed process published and could not
   // prune after.
   // verify: after_upload. Before retention, so a bad new backup never makes an old one go.
-  auto verify_published = [&](const std::string& sha) {
+  auto verify_published = [&](const sftp::Url& target, const std::string& sha) {
     if (!src.verify_after_upload) return;
     sftp::ReadOptions ro;
     ro.ssh = so.ssh;
     ro.streams = so.streams;
     ro.stall_timeout = so.stall_timeout;
-    VerifyReport v = verify_remote(url, ro, sha);
+    VerifyReport v = verify_remote(target, ro, sha);
     if (v.status == VerifyStatus::Ok) {
       q.event(job.id, "verified",
-              fmt::format("{}: intact, read back (sha256 {})", url.str(), v.sha256));
+              fmt::format("{}: intact, read back (sha256 {})", target.str(), v.sha256));
       return;
     }
     if (v.status == VerifyStatus::Unreachable)  // retried; the next attempt verifies again
@@ -306,39 +322,64 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     // Nothing may take a backup that does not verify for a good one: not retention, not the
     // next attempt's "already published" check. Take it away, keep the older ones.
     try {
-      sftp::SshSession session(url, so.ssh);
+      sftp::SshSession session(target, so.ssh);
       sftp::Channel ch(session, so.stall_timeout);
-      ch.remove(url.remote_path() + ".sha256");
-      ch.remove(url.remote_path());
+      ch.remove(target.remote_path() + ".sha256");
+      ch.remove(target.remote_path());
     } catch (const Error& e) {
-      q.event(job.id, "warning", fmt::format("could not remove {}: {}", url.str(), e.what()));
+      q.event(job.id, "warning", fmt::format("could not remove {}: {}", target.str(), e.what()));
     }
     throw VerifyError(
         fmt::format("verify after upload: {} (the new backup was removed)", v.problem));
   };
 
   auto prune = [&] {
-    try {
-      PruneResult p = prune_source(cfg, src, false);
-      for (auto& name : p.removed) q.event(job.id, "pruned", name);
-    } catch (const Error& e) {
-      // The backup is safe; a failed prune is tried again after the next one.
-      q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
+    for (const auto& out : outs) {
+      try {
+        PruneResult p = prune_source(cfg, out.view, false);
+        for (auto& name : p.removed) q.event(job.id, "pruned", name);
+      } catch (const Error& e) {
+        // The backup is safe; a failed prune is tried again after the next one.
+        q.event(job.id, "warning", fmt::format("retention: {}", e.what()));
+      }
+    }
+  };
+  auto discard_partials = [&] {
+    for (const auto& out : outs) {
+      try {
+        sftp::discard_partial(out.url, so);
+      } catch (const Error& de) {
+        q.event(job.id, "warning",
+                fmt::format("could not remove {}.partial: {}", out.url.str(), de.what()));
+      }
     }
   };
 
   auto sent = std::make_shared<std::atomic<uint64_t>>(0);
   try {
-    if (auto pub = already_published(url, so, r.remote_reached)) {
+    // What an earlier attempt (or a killed daemon) already published is checked, not sent again.
+    std::vector<std::optional<Published>> pub(outs.size());
+    bool all_published = true;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      pub[i] = already_published(outs[i].url, so, r.remote_reached);
+      if (!pub[i]) {
+        all_published = false;
+        continue;
+      }
       q.event(job.id, "published",
-              fmt::format("{} was already published by an earlier attempt", url.str()));
-      verify_published(pub->sha256);
+              fmt::format("{} was already published by an earlier attempt", outs[i].url.str()));
+      verify_published(outs[i].url, pub[i]->sha256);
+    }
+    auto published_all = [&](const std::string& sha) {
       prune();
       drop_snapshot();
-      q.finish_done(job.id, owner, pub->sha256, rel);
-      r.sha256 = pub->sha256;
-      r.bytes_on_remote = pub->size;
+      q.finish_done(job.id, owner, sha, rel);
+      r.sha256 = sha;
       return JobState::Done;
+    };
+    if (all_published) {
+      for (auto& p : pub) r.bytes_on_remote += p->size;
+      return published_all(pub[0]->sha256);
     }
     std::string input = src.path;
     if (src.snapshot == SnapshotMode::Reflink) {
@@ -362,15 +403,12 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     }
     SourceOptions sopts;
     if (src.format == ImageFormat::Asis) sopts.format = SourceFormat::File;
+    sopts.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     sopts.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
     auto source = open_source(input, sopts);
 
     ConvertOptions o;
-    o.writer.format = src.format;
-    o.writer.cluster_codec = src.cluster_codec;
-    o.compress = src.compress;
     o.threads = std::max(1u, std::thread::hardware_concurrency());
-    o.writer.threads = o.threads;
     o.caller_retries = true;  // the queue retries, with the configured backoff and events
     auto limits = limiters_for(env, src);
     o.wrap_destination = [limits, sent](std::unique_ptr<Sink> s) -> std::unique_ptr<Sink> {
@@ -396,19 +434,44 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       last = t;
       last_sent = now_sent;
     };
-    auto dest = sftp::open_sftp_destination(url, so);
-    ConvertResult c = convert(*source, *dest, o);
+    std::vector<std::unique_ptr<Destination>> dests;
+    std::vector<Output> outputs;
+    std::vector<size_t> which;  // outs index of each output
+    for (size_t i = 0; i < outs.size(); ++i) {
+      if (pub[i]) continue;
+      OutputSpec spec;
+      spec.writer.format = outs[i].view.format;
+      spec.writer.cluster_codec = outs[i].view.cluster_codec;
+      spec.writer.threads = o.threads;
+      spec.compress = outs[i].view.compress;
+      dests.push_back(sftp::open_sftp_destination(outs[i].url, so));
+      outputs.push_back({spec, dests.back().get()});
+      which.push_back(i);
+    }
+    auto results = convert_many(*source, outputs, o);
     r.bytes_sent = sent->load();
-    r.sha256 = c.sha256;
-    r.bytes_on_remote = c.output_bytes;
-    q.event(job.id, "published",
-            fmt::format("{} ({}, sha256 {})", url.str(), format_size(c.output_bytes), c.sha256));
-    log(fmt::format("published {} ({})", url.str(), format_size(c.output_bytes)));
-    verify_published(c.sha256);
-    prune();
-    drop_snapshot();
-    q.finish_done(job.id, owner, c.sha256, rel);
-    return JobState::Done;
+    std::exception_ptr failed;
+    std::string sha = pub[0] ? pub[0]->sha256 : "";
+    for (size_t k = 0; k < results.size(); ++k) {
+      const Out& out = outs[which[k]];
+      if (results[k].error) {
+        if (!failed) failed = results[k].error;
+        continue;
+      }
+      const ConvertResult& c = results[k].result;
+      if (which[k] == 0) sha = c.sha256;
+      r.bytes_on_remote += c.output_bytes;
+      q.event(
+          job.id, "published",
+          fmt::format("{} ({}, sha256 {})", out.url.str(), format_size(c.output_bytes), c.sha256));
+      log(fmt::format("published {} ({})", out.url.str(), format_size(c.output_bytes)));
+      verify_published(out.url, c.sha256);
+    }
+    // The outputs that made it stay published; the next attempt sends only the others.
+    if (failed) std::rethrow_exception(failed);
+    for (size_t i = 0; i < outs.size(); ++i)
+      if (pub[i]) r.bytes_on_remote += pub[i]->size;
+    return published_all(sha);
   } catch (const LeaseLost&) {
     return JobState::Running;
   } catch (const Error& e) {
@@ -420,10 +483,7 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     if (beat.lost()) {
       auto j = q.get(job.id);
       if (!j || !j->cancel_requested) return JobState::Running;  // another worker has it
-      try {
-        sftp::discard_partial(url, so);
-      } catch (const Error&) {
-      }
+      discard_partials();
       drop_snapshot();
       q.finish_cancelled(job.id, owner);
       log("cancelled");
@@ -439,12 +499,7 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       auto wait = stopped ? std::chrono::milliseconds(0) : retry_backoff(src.retries, job.attempt);
       return q.finish_retry(job.id, owner, e.what(), cls, now_ms() + wait);
     }
-    try {
-      sftp::discard_partial(url, so);
-    } catch (const Error& de) {
-      q.event(job.id, "warning",
-              fmt::format("could not remove {}.partial: {}", url.str(), de.what()));
-    }
+    discard_partials();
     drop_snapshot();
     return q.finish_failed(job.id, owner, e.what(), cls);
   }

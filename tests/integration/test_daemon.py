@@ -584,6 +584,56 @@ class Daemon(unittest.TestCase):
         newest = os.path.basename(job["remote_path"])
         self.assertEqual(left, sorted(foreign + [old[2], newest, newest + ".sha256"]))
 
+    def test_extra_outputs_from_one_snapshot(self):
+        # One snapshot, one read, three backups: qcow2.zst, vhdx and raw.gz, each verified after
+        # upload and pruned on its own. Each output's "already published?" check is a short
+        # connection, then come the three uploads: the first two are cut, the raw.gz lands,
+        # and the second attempt sends only what is missing.
+        proxy = TcpProxy(("127.0.0.1", self.server.port), cut_up=8 * MiB, cut_first=5)
+        proxy.start()
+        try:
+            self.config_sources = {"m": self.source(
+                "m", 11, mib=96, compress="zstd", verify="after_upload",
+                retention="{keep_last: 1}",
+                extra_outputs="[{format: vhdx}, {format: raw, compress: 'gzip:1'}]")}
+            self.write_config(self.config_sources, port=proxy.port)
+            for _ in range(2):
+                self.cli("enqueue", "m")
+                self.daemon("--once")
+                time.sleep(1.1)  # the next job gets a name of its own
+        finally:
+            proxy.close()
+        self.assertEqual(len([c for c in proxy.connections if c.cut]), 2, proxy.connections)
+        jobs = sorted(self.jobs().values(), key=lambda j: j["id"])
+        p = self.cli("show", jobs[0]["id"])
+        self.assertIn("raw.gz was already published by an earlier attempt", p.stdout)
+        self.assertEqual([j["state"] for j in jobs], ["done", "done"], jobs)
+        self.assertGreaterEqual(jobs[0]["attempt"], 2, jobs[0])
+        src = self.config_sources["m"]["path"]
+        newest = jobs[1]["remote_path"]
+        self.assert_published(jobs[1], ["-O", "qcow2", "--compress", "zstd"])
+        stem = newest[: -len(".qcow2.zst")]
+        # Retention kept the newest of each output, and nothing else.
+        self.assertEqual(self.remote_files(), sorted(
+            n + x for n in (newest, stem + ".vhdx", stem + ".raw.gz") for x in ("", ".sha256")))
+        for name, args in ((stem + ".vhdx", ["-O", "vhdx"]),
+                           (stem + ".raw.gz", ["-O", "raw", "--compress", "gzip:1"])):
+            path = os.path.join(self.remote_dir, name)
+            self.assertEqual(sha256_file(path), self.local_sha(src, *args), name)
+            c = subprocess.run(["sha256sum", "-c", os.path.basename(path) + ".sha256"],
+                               cwd=os.path.dirname(path), capture_output=True, text=True)
+            self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        c = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vhdx", src,
+                            os.path.join(self.remote_dir, stem + ".vhdx")],
+                           capture_output=True, text=True)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        for j in jobs:
+            p = self.cli("show", j["id"])
+            self.assertEqual(p.stdout.count("reflinked"), 1, p.stdout)  # one snapshot a job
+            for ext in (".qcow2.zst", ".vhdx", ".raw.gz"):
+                self.assertIn(ext + ": intact, read back", p.stdout)
+        self.assert_no_snapshots()
+
     def test_reflink_on_ext4_names_the_filesystem(self):
         with xfs_loop.Ext4Loop(size_mib=128) as ext4:
             img = os.path.join(ext4.mountpoint, "vm.img")

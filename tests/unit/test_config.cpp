@@ -639,3 +639,40 @@ TEST_CASE("config: notify and metrics_dir mistakes name the line and key") {
   // Relative to the configuration's directory, like every path.
   CHECK(parse("metrics_dir: prom/\n").metrics_dir == "/etc/diskferry/prom");
 }
+
+TEST_CASE("config: extra_outputs of one read, each named with its own {ext}") {
+  Config c = parse(source(
+      "    compress: zstd\n    extra_outputs: [{format: vhdx}, {format: raw, compress: gzip}]\n"));
+  const SourceConf& s = c.sources.at("web01");
+  REQUIRE(s.output_count() == 3);
+  auto t = utc(2024, 1, 2, 3, 4, 5);
+  CHECK(render_name(s.output(0), t) == "web01/web01-20240102T030405Z.qcow2.zst");
+  CHECK(render_name(s.output(1), t) == "web01/web01-20240102T030405Z.vhdx");
+  CHECK(render_name(s.output(2), t) == "web01/web01-20240102T030405Z.raw.gz");
+  // Each output's retention sees only its own files.
+  CHECK(match_name(s.output(1), "web01/web01-20240102T030405Z.vhdx"));
+  CHECK(!match_name(s.output(1), "web01/web01-20240102T030405Z.qcow2.zst"));
+  CHECK(parse(source("    extra_outputs:\n      - format: qcow2\n        compress: qcow2-zstd\n"
+                     "    format: vhdx\n"))
+            .sources.at("web01")
+            .output(1)
+            .cluster_codec == ClusterCodec::Zstd);
+
+  CHECK(error_of(source("    extra_outputs: [{format: qcow2, compress: qcow2-zstd}]\n")) ==
+        kFile +
+            ":8: sources.web01.extra_outputs: two outputs would both be named .qcow2 (give each "
+            "its own format or compression)");
+  CHECK(error_of(source("    extra_outputs: [{compress: zstd}]\n")) ==
+        kFile + ":8: sources.web01.extra_outputs[0]: missing format: qcow2, vhdx or raw");
+  CHECK(error_of(source("    extra_outputs: [{format: asis}]\n")) ==
+        kFile +
+            ":8: sources.web01.extra_outputs[0]: format asis (the file's own bytes) cannot share "
+            "a read with other outputs");
+  CHECK(error_of(source("    extra_outputs: [{format: vhdx, level: 3}]\n"))
+            .find("extra_outputs[0].level: unknown key") != std::string::npos);
+  CHECK(error_of(source("    extra_outputs: vhdx\n")).find("expected a list of outputs") !=
+        std::string::npos);
+  CHECK(error_of(source("    name: \"{source}-{time:%Y%m%dT%H%M%S}.img\"\n"
+                        "    extra_outputs: [{format: vhdx}]\n"))
+            .find("has no {ext}") != std::string::npos);
+}
