@@ -14,6 +14,7 @@
 #include "codec/decode.hpp"
 #include "image/qcow2_header.hpp"
 #include "image/qcow2_source.hpp"
+#include "image/stream_image.hpp"
 #include "image/vhdx_header.hpp"
 #include "image/vhdx_source.hpp"
 #include "util/fd.hpp"
@@ -287,6 +288,24 @@ std::unique_ptr<ByteReader> refuse_qcow2_stream(std::unique_ptr<ByteReader> r,
   return std::make_unique<PeekedReader>(std::move(r), std::move(head));
 }
 
+// A qcow2 inside a .gz/.zst file that can be read again from its start: read in passes over
+// the decompressed stream (image/stream_image.hpp). nullptr when the decoded bytes are something
+// else; `r` is then still at byte 0.
+std::unique_ptr<Source> qcow2_in_stream(std::unique_ptr<ByteReader>& r, const std::string& name,
+                                        SourceCompression c, StreamOpener reopen,
+                                        std::optional<uint64_t> input_bytes,
+                                        const SourceOptions& opts) {
+  if (c == SourceCompression::None ||
+      (opts.format != SourceFormat::Auto && opts.format != SourceFormat::Qcow2))
+    return nullptr;
+  std::vector<std::byte> head(4);
+  head.resize(r->read(head));
+  const bool qcow2 = opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head);
+  r = std::make_unique<PeekedReader>(std::move(r), std::move(head));
+  if (!qcow2) return nullptr;
+  return open_qcow2_stream_source(name, std::move(reopen), std::move(r), input_bytes, opts, c);
+}
+
 std::vector<Extent> normalise(std::vector<Extent> v) {
   std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.offset < b.offset; });
   std::vector<Extent> out;
@@ -365,7 +384,10 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
   if (c == SourceCompression::None)
     return std::make_unique<RawFileSource>(path, size, std::move(opts));
   // Each pass decompresses the file again; look at the first decompressed bytes now.
-  refuse_qcow2_stream(make_decoder(c, make_fd_reader(std::move(fd), path), path), path, c, opts);
+  auto first = make_decoder(c, make_fd_reader(std::move(fd), path), path);
+  auto decoded = [path, c] { return make_decoder(c, make_fd_reader(open_input(path), path), path); };
+  if (auto img = qcow2_in_stream(first, path, c, decoded, size, opts)) return img;
+  refuse_qcow2_stream(std::move(first), path, c, opts);
   return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));
 }
 
@@ -382,6 +404,8 @@ std::unique_ptr<Source> open_stream_source(const std::string& name,
   SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
   auto reader =
       make_decoder(c, std::make_unique<PeekedReader>(std::move(raw), std::move(head)), name);
+  auto decoded = [open, c, name] { return make_decoder(c, open(), name); };
+  if (auto img = qcow2_in_stream(reader, name, c, decoded, input_bytes, opts)) return img;
   reader = refuse_qcow2_stream(std::move(reader), name, c, opts);
   return std::make_unique<StreamSource>(name, c, input_bytes, std::move(reader), true,
                                         std::move(opts), std::move(open));

@@ -69,19 +69,24 @@ struct SourceOptions {
   // Told about oddities that do not stop the read (a dirty qcow2 image), one line each without
   // a trailing newline; default: silent.
   std::function<void(const std::string&)> on_warning;
+  // Show on stderr the passes a source makes before the conversion's own (the table passes of
+  // a qcow2 inside .zst/.gz), and which data pass is running.
+  bool progress = false;
 };
 
 // "raw", "qcow2" or "vhdx" (as --source-format takes it). Throws Error(Usage) otherwise.
 SourceFormat parse_source_format(const std::string& s);
 
 // PATH or "-" (stdin). gzip and zstd input is detected by magic bytes, not by name, and so are
-// qcow2 and VHDX (which must be a file or block device: they are read at random offsets).
+// qcow2 and VHDX (read at random offsets in a file or block device; a qcow2 inside a .gz/.zst
+// file is read in passes over the decompressed stream: image/stream_image.hpp).
 // Throws Error(Input|Format) naming the path and the cause.
 std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options = {});
 
 class ByteReader;
 // A source read front to back through `open()`, called again for every pass (a file on an SFTP
-// server): gzip/zstd found by magic and undone, a qcow2 or VHDX inside refused as for stdin.
+// server): gzip/zstd found by magic and undone; a qcow2 inside read in passes over the stream
+// (image/stream_image.hpp), a VHDX inside refused as for stdin.
 // `input_bytes`: what a pass reads (the compressed size), for progress.
 std::unique_ptr<Source> open_stream_source(const std::string& name,
                                            std::function<std::unique_ptr<ByteReader>()> open,
