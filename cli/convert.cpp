@@ -357,6 +357,7 @@ Run add_convert(CLI::App& app) {
                 "Another output with its own options: FORMAT[,KEY=VALUE...]:DEST, e.g. "
                 "vhdx,block-size=1M:vm.vhdx (repeat)");
   remote->add(*c);
+  remote->add_device_options(*c);
   return [args, remote, dests, tos]() {
     ConvertOptions o = args->options();
     auto ts = targets(*args, *dests, *tos, o.threads);

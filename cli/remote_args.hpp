@@ -43,6 +43,16 @@ struct RemoteArgs {
   double retry_delay = 2;
   int streams = 4;
   std::string bwlimit;
+  bool discard = false;
+
+  // Options of a block-device destination (convert only).
+  void add_device_options(CLI::App& c) {
+    c.add_flag("--discard", discard,
+               "Writing to a block device: deallocate (unmap) its zero ranges instead of zeroing "
+               "them, where the device guarantees they then read as zeros (the kernel's "
+               "write-zeroes with unmap; else BLKZEROOUT, else written zeros). Plain discard, "
+               "after which a device may return old data, is never used");
+  }
 
   void add(CLI::App& c) {
     ssh.add(c);
@@ -108,7 +118,7 @@ struct RemoteArgs {
 
   std::unique_ptr<Destination> open(const std::string& dest) const {
     if (!sftp::is_sftp_url(dest))
-      return make_single_destination(dest == "-" ? "stdout" : dest, open_file_sink(dest));
+      return make_single_destination(dest == "-" ? "stdout" : dest, open_file_sink(dest, discard));
     return sftp::open_sftp_destination(sftp::parse_url(dest), sink_options());
   }
 };

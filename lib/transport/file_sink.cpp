@@ -1,11 +1,14 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
 
 #include "transport/sink.hpp"
+#include "util/bytes.hpp"
 #include "util/error.hpp"
 #include "util/fd.hpp"
 
@@ -16,13 +19,18 @@ class FileSink final : public Sink {
  public:
   // publish: write to PATH.partial and rename on commit (regular files, which also take holes).
   // positioned: the final rewrite is possible (regular files and block devices).
-  FileSink(UniqueFd fd, std::string name, std::string final_path, bool publish, bool positioned)
+  // block: a block device, whose zero ranges are zeroed by the kernel where it can (and, with
+  // discard, deallocated where that keeps them reading as zeros).
+  FileSink(UniqueFd fd, std::string name, std::string final_path, bool publish, bool positioned,
+           bool block = false, bool discard = false)
       : fd_(std::move(fd)),
         name_(std::move(name)),
         final_(std::move(final_path)),
         publish_(publish),
         positioned_(positioned),
-        holes_(publish) {}
+        holes_(publish),
+        block_(block),
+        discard_(discard) {}
   ~FileSink() override {
     if (!done_) abort();
   }
@@ -39,7 +47,8 @@ class FileSink final : public Sink {
     pos_ += data.size();
   }
   void write_zeros(uint64_t n) override {
-    // A block device keeps old data under a hole, so zeros are written there.
+    // A block device keeps old data where nothing is written, so its zero ranges must be zeroed.
+    if (block_) return zero_device(n);
     if (!holes_) return Sink::write_zeros(n);
     pending_hole_ += n;  // seek forward over it later: the file gets a hole, not zeros
     pos_ += n;
@@ -80,6 +89,52 @@ class FileSink final : public Sink {
   uint64_t position() const override { return pos_; }
 
  private:
+  // Zeros [pos_, pos_+n) of a block device. The page-aligned middle goes to the kernel: with
+  // --discard first as fallocate(PUNCH_HOLE), which the block layer turns into a write-zeroes
+  // request that may unmap but must leave zeros, and fails (EOPNOTSUPP) where the device cannot
+  // promise that; then BLKZEROOUT (write-zeroes without unmapping: the device's own zeroing,
+  // or the kernel writing zero pages; a loop device punches or zero-ranges its backing file).
+  // Plain BLKDISCARD is never used: after it a device may return old data or anything else.
+  // Both drop the page cache of the range first. Edges and small ranges are written.
+  void zero_device(uint64_t n) {
+    constexpr uint64_t kPage = 4096, kMin = 64 * 1024;
+    const uint64_t end_all = pos_ + n;
+    const uint64_t start = round_up(pos_, kPage), end = end_all / kPage * kPage;
+    if ((!kernel_zero_ && !discard_) || end <= start || end - start < kMin)
+      return Sink::write_zeros(n);
+    Sink::write_zeros(start - pos_);
+    if (!kernel_zero(start, end - start)) Sink::write_zeros(end - start);
+    Sink::write_zeros(end_all - pos_);
+  }
+
+  // Returns false when the device can do neither (the caller writes the zeros).
+  bool kernel_zero(uint64_t start, uint64_t len) {
+    bool done = false;
+    if (discard_) {
+      if (::fallocate(fd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(start), static_cast<off_t>(len)) == 0)
+        done = true;
+      else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOTTY || errno == ENODEV)
+        discard_ = false;  // this device cannot promise zeros after a discard
+      else
+        throw_errno(ErrorKind::Output, name_, "discard (fallocate PUNCH_HOLE) failed", errno);
+    }
+    if (!done && kernel_zero_) {
+      uint64_t range[2] = {start, len};
+      if (::ioctl(fd_.get(), BLKZEROOUT, range) == 0)
+        done = true;
+      else if (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOTTY)
+        kernel_zero_ = false;  // written from here on
+      else
+        throw_errno(ErrorKind::Output, name_, "BLKZEROOUT failed", errno);
+    }
+    if (!done) return false;
+    if (::lseek(fd_.get(), static_cast<off_t>(start + len), SEEK_SET) < 0)
+      throw_errno(ErrorKind::Output, name_, "seek failed", errno);
+    pos_ = start + len;
+    return true;
+  }
+
   void materialise_hole() {
     if (pending_hole_ == 0) return;
     if (::lseek(fd_.get(), static_cast<off_t>(pending_hole_), SEEK_CUR) < 0)
@@ -96,13 +151,14 @@ class FileSink final : public Sink {
   UniqueFd fd_;
   std::string name_, final_;
   bool publish_, positioned_, holes_;
+  bool block_, discard_, kernel_zero_ = true;
   uint64_t pos_ = 0, pending_hole_ = 0;
   bool done_ = false;
 };
 
 }  // namespace
 
-std::unique_ptr<Sink> open_file_sink(const std::string& path) {
+std::unique_ptr<Sink> open_file_sink(const std::string& path, bool discard) {
   if (path == "-") {
     if (::isatty(STDOUT_FILENO))
       throw Error(ErrorKind::Usage,
@@ -122,7 +178,8 @@ std::unique_ptr<Sink> open_file_sink(const std::string& path) {
       int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
       if (fd < 0) throw_errno(ErrorKind::Output, path, "cannot open destination", errno);
       // Block devices take the positioned header rewrite; pipes and char devices are streams.
-      return std::make_unique<FileSink>(UniqueFd(fd), path, path, false, S_ISBLK(st.st_mode));
+      return std::make_unique<FileSink>(UniqueFd(fd), path, path, false, S_ISBLK(st.st_mode),
+                                        S_ISBLK(st.st_mode), discard);
     }
   }
   std::string partial = path + ".partial";

@@ -56,8 +56,10 @@ class FilterSink : public Sink {
 };
 
 // "-" is stdout; a regular file is written as PATH.partial and renamed on commit; an existing
-// block or character device is written in place.
-std::unique_ptr<Sink> open_file_sink(const std::string& path);
+// block or character device is written in place. A block device's zero ranges are zeroed with
+// BLKZEROOUT where it has it (it keeps old data where nothing is written); `discard`: first try
+// to deallocate them in a way that guarantees zeros (fallocate PUNCH_HOLE, never BLKDISCARD).
+std::unique_ptr<Sink> open_file_sink(const std::string& path, bool discard = false);
 
 // Counts bytes and drops them (measure with outer compression).
 std::unique_ptr<Sink> make_counting_sink();
