@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -164,26 +165,66 @@ Run add_verify(CLI::App& app) {
 }
 
 Run add_ls(CLI::App& app) {
-  auto* c = app.add_subcommand("ls", "List the backups in a remote directory");
+  auto* c = app.add_subcommand("ls", "List the backups in a remote directory, or of a source");
   auto url = std::make_shared<std::string>();
+  auto cfg = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
   auto args = std::make_shared<ReadArgs>();
-  c->add_option("URL", *url, "sftp://USER@HOST[:PORT]/DIR")->required();
+  c->add_option("URL|SOURCE", *url,
+                "sftp://USER@HOST[:PORT]/DIR, or the name of a source of the configuration")
+      ->required();
+  c->add_option("--config", *cfg,
+                "Configuration file for SOURCE (default: $DISKFERRY_CONFIG, else "
+                "/etc/diskferry/diskferry.yaml)");
   c->add_flag("--json", *json, "As JSON");
   args->add(*c);
   c->footer(
       "One line per file: size, modification time (UTC), and whether its NAME.sha256 sidecar is "
       "there\n(a .partial is an upload in progress or one that will be resumed). `diskferry "
-      "verify` checks a\nfile's content.");
+      "verify` checks a\nfile's content. With SOURCE: the files its name template produced in "
+      "its remote's directory\n(what retention counts as its backups), with the remote's login "
+      "from the configuration.");
   return [=]() {
     sftp::ReadOptions ro = args->options();
-    sftp::Url u = sftp::parse_url(*url);
+    sftp::Url u;
+    std::string rel_dir;  // SOURCE: where its backups are, relative to the remote's URL
+    const SourceConf* src = nullptr;
+    Config conf;
+    if (sftp::is_sftp_url(*url)) {
+      if (!cfg->empty()) throw Error(ErrorKind::Usage, "--config applies to ls SOURCE, not a URL");
+      u = sftp::parse_url(*url);
+    } else {
+      conf = load_config(config_path(*cfg));
+      auto it = conf.sources.find(*url);
+      if (it == conf.sources.end())
+        throw Error(ErrorKind::Usage, fmt::format("'{}' is neither an sftp:// URL nor a source "
+                                                  "of {}",
+                                                  *url, conf.path));
+      src = &it->second;
+      const RemoteConf& rem = conf.remotes.at(src->remote);
+      ro.ssh = sink_options(conf, rem).ssh;
+      // Backups live in the directory the template renders to (its directories carry no time).
+      std::string sample = render_name(*src, std::chrono::system_clock::now());
+      auto slash = sample.rfind('/');
+      rel_dir = slash == std::string::npos ? "" : sample.substr(0, slash);
+      u = rel_dir.empty() ? rem.url : backup_url(rem, rel_dir);
+    }
     sftp::SshSession session(u, ro.ssh);
     sftp::Channel ch(session, ro.stall_timeout);
     std::string dir = u.remote_path();
-    auto entries = ch.list_dir(dir);
+    auto entries = ch.list_dir(dir.empty() ? std::string_view(".") : std::string_view(dir));
+    if (!entries && src) entries.emplace();  // no backup yet
     if (!entries)
       throw Error(ErrorKind::Input, fmt::format("{}: {}: no such directory", session.where(), dir));
+    if (src) {
+      // Only what the source's template produced (and its sidecars and partial uploads).
+      std::erase_if(*entries, [&](const auto& e) {
+        std::string n = e.first;
+        for (const char* suffix : {".sha256", ".partial"})
+          if (n.ends_with(suffix)) n.resize(n.size() - std::strlen(suffix));
+        return !match_name(*src, rel_dir.empty() ? n : rel_dir + "/" + n);
+      });
+    }
     std::sort(entries->begin(), entries->end(),
               [](const auto& a, const auto& b) { return a.first < b.first; });
     std::set<std::string> names;
@@ -202,11 +243,16 @@ Run add_ls(CLI::App& app) {
                                            std::chrono::sys_seconds(std::chrono::seconds(*a.mtime)))
                              : "";
       if (*json) {
-        out.push_back({{"name", n},
-                       {"size", a.size.value_or(0)},
-                       {"mtime", when},
-                       {"type", is_dir ? "dir" : "file"},
-                       {"sidecar", check == "sha256"}});
+        Json e{{"name", n},
+               {"size", a.size.value_or(0)},
+               {"mtime", when},
+               {"type", is_dir ? "dir" : "file"},
+               {"sidecar", check == "sha256"}};
+        if (src)
+          e["url"] =
+              backup_url(conf.remotes.at(src->remote), rel_dir.empty() ? n : rel_dir + "/" + n)
+                  .str();
+        out.push_back(std::move(e));
         continue;
       }
       fmt::print("{:>10}  {:<20}  {:<9}  {}{}\n", is_dir ? "-" : format_size(a.size.value_or(0)),
