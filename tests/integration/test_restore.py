@@ -7,6 +7,7 @@ must not matter, and what cannot be restored yet is refused with one line and no
 
 Run: test_restore.py PATH/TO/diskferry
 """
+import json
 import os
 import random
 import shutil
@@ -54,6 +55,9 @@ class Restore(unittest.TestCase):
                            "disk.raw.zst": ["-O", "raw", "--compress", "zstd"],
                            "disk.raw.gz": ["-O", "raw", "--compress", "gzip:1"],
                            "disk.qcow2.zst": ["-O", "qcow2", "--compress", "zstd"],
+                           "disk.qcow2.gz": ["-O", "qcow2", "--compress", "gzip:1"],
+                           "zstdc.qcow2.zst": ["-O", "qcow2", "--qcow2-compression", "zstd",
+                                               "--compress", "zstd"],
                            "disk.vhdx": ["-O", "vhdx"]}.items():
             p = run(DF, "convert", cls.src, *args, *cls.opts, "-o",
                     cls.server.url(f"/backups/r/{name}"))
@@ -64,6 +68,26 @@ class Restore(unittest.TestCase):
                        check=True)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "qemu.qcow2", "-F",
                         "qcow2", os.path.join(cls.remote, "overlay.qcow2")], check=True)
+        # QEMU's layout inside zstd (its L2 tables among the data: a second table pass), a
+        # truncated .qcow2.zst, and images whose data clusters are out of guest order (written
+        # backwards by qemu-io in runs longer than the stream keeps behind it).
+        subprocess.run(["zstd", "-q", "-1", qemu, "-o", qemu + ".zst"], check=True)
+        with open(os.path.join(cls.remote, "disk.qcow2.zst"), "rb") as f:
+            whole = f.read()
+        with open(os.path.join(cls.remote, "cut.qcow2.zst"), "wb") as f:
+            f.write(whole[:len(whole) * 2 // 3])
+        run_mib = 2 * (os.cpu_count() or 1) + 8  # beyond the look-back of (2 x cores + 4) MiB
+        for name, runs in (("back3.qcow2", 3), ("back6.qcow2", 6)):
+            path = os.path.join(cls.dir, name)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path,
+                            f"{runs * run_mib}M"], check=True)
+            writes = []
+            for i in reversed(range(runs)):
+                writes += ["-c", f"write -P {i + 1} {i * run_mib}M {run_mib}M"]
+            subprocess.run(["qemu-io", "-f", "qcow2", *writes, path], check=True,
+                           capture_output=True)
+            subprocess.run(["zstd", "-q", "-1", path, "-o",
+                            os.path.join(cls.remote, name + ".zst")], check=True)
         for n in os.listdir(cls.remote):
             os.chown(os.path.join(cls.remote, n), cls.server.uid, cls.server.gid)
 
@@ -73,8 +97,9 @@ class Restore(unittest.TestCase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     def restore(self, name, fmt, out, url=None, extra=()):
+        opts = [o for o in self.opts if o != "--no-progress" or "--progress" not in extra]
         return run(DF, "convert", url or self.server.url(f"/backups/r/{name}"), "-O", fmt,
-                   *self.opts, *extra, "-o", out)
+                   *opts, *extra, "-o", out)
 
     def test_raw_restores_are_identical_and_sparse(self):
         for name in ("plain.qcow2", "zstdc.qcow2", "disk.raw.zst", "disk.raw.gz", "qemu.qcow2",
@@ -88,6 +113,151 @@ class Restore(unittest.TestCase):
                 st = os.stat(out)
                 self.assertLess(st.st_blocks * 512, st.st_size // 2, "not sparse")
                 os.unlink(out)
+
+    def test_qcow2_inside_zstd_and_gzip_restores_to_raw_and_qcow2(self):
+        for name in ("disk.qcow2.zst", "disk.qcow2.gz", "zstdc.qcow2.zst", "qemu.qcow2.zst"):
+            with self.subTest(name=name):
+                out = os.path.join(self.dir, name + ".img")
+                p = self.restore(name, "raw", out, extra=["--progress"])
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertIn("pass 1, header and L1 table", p.stderr)
+                self.assertIn("data pass 1", p.stderr)
+                # diskferry keeps its L2 tables just before the L1 table: no second table pass.
+                self.assertEqual("pass 2," in p.stderr, name == "qemu.qcow2.zst", p.stderr)
+                c = run("cmp", self.src, out)
+                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+                st = os.stat(out)
+                self.assertLess(st.st_blocks * 512, st.st_size // 2, "not sparse")
+                os.unlink(out)
+                out = os.path.join(self.dir, name + ".back.qcow2")
+                p = self.restore(name, "qcow2", out)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
+                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+                os.unlink(out)
+
+    def test_local_qcow2_zst_restores(self):
+        out = os.path.join(self.dir, "local.img")
+        p = run(DF, "convert", os.path.join(self.remote, "zstdc.qcow2.zst"), "-O", "raw",
+                "--no-progress", "-o", out)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(run("cmp", self.src, out).returncode, 0)
+        os.unlink(out)
+
+    def test_data_out_of_guest_order(self):
+        # A few steps back: one more read of the stream each; many: refused, saying how.
+        out = os.path.join(self.dir, "back.img")
+        p = self.restore("back3.qcow2.zst", "raw", out, extra=["--progress"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("3 times: clusters out of order", p.stderr)
+        c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", out,
+                os.path.join(self.dir, "back3.qcow2"))
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        os.unlink(out)
+        p = self.restore("back6.qcow2.zst", "raw", out)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn("out of guest order", p.stderr)
+        self.assertIn("--source-format raw -O raw", p.stderr)
+        self.assertFalse(os.path.exists(out) or os.path.exists(out + ".partial"))
+        # What the message says to do: the decompressed image to a file, then convert that.
+        qc = os.path.join(self.dir, "back6-copy.qcow2")
+        p = self.restore("back6.qcow2.zst", "raw", qc, extra=["--source-format", "raw"])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        c = run("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", qc,
+                os.path.join(self.dir, "back6.qcow2"))
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        os.unlink(qc)
+
+    def test_a_truncated_qcow2_zst_fails_in_one_line(self):
+        for fmt in ("raw", "qcow2"):
+            with self.subTest(fmt=fmt):
+                out = os.path.join(self.dir, "cut." + fmt)
+                p = self.restore("cut.qcow2.zst", fmt, out)
+                self.assertEqual(p.returncode, 1, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertIn("truncated", p.stderr)
+                self.assertFalse(os.path.exists(out) or os.path.exists(out + ".partial"))
+
+    def test_daemon_backup_listed_by_source_and_restored(self):
+        # The example config's output (qcow2, zstd:3), made by diskferryd; `ls SOURCE` finds it.
+        state = tempfile.mkdtemp(dir=self.dir)
+        cfg = os.path.join(state, "diskferry.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"state_dir: {state}\nremotes:\n  box:\n"
+                    f"    url: sftp://{self.server.user}@127.0.0.1:{self.server.port}/backups/d\n"
+                    f"    identity: {self.server.client_key}\n    known_hosts: {self.kh}\n"
+                    f"sources:\n  web01:\n    path: {self.src}\n    snapshot: none\n"
+                    f"    format: qcow2\n    compress: zstd:3\n    remote: box\n")
+        # Not a backup of web01: ls SOURCE leaves it out.
+        d = os.path.join(self.server.backups, "d")
+        os.makedirs(os.path.join(d, "web01"), exist_ok=True)
+        with open(os.path.join(d, "web01", "notes.txt"), "w") as f:
+            f.write("x")
+        for p in (d, os.path.join(d, "web01")):
+            os.chown(p, self.server.uid, self.server.gid)
+        p = run(os.path.join(os.path.dirname(DF), "diskferry"), "enqueue", "web01", "--config",
+                cfg)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = run(os.path.join(os.path.dirname(DF), "diskferryd"), "--once", "--config", cfg,
+                timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = run(DF, "list", "--config", cfg)
+        self.assertIn("done", p.stdout, p.stdout + p.stderr)
+        p = run(DF, "ls", "web01", "--config", cfg, "--json")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        files = json.loads(p.stdout)
+        self.assertEqual(len(files), 1, files)
+        self.assertTrue(files[0]["name"].startswith("web01-") and
+                        files[0]["name"].endswith(".qcow2.zst"), files)
+        self.assertTrue(files[0]["sidecar"], files)
+        p = run(DF, "ls", "web01", "--config", cfg)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("sha256", p.stdout)
+        self.assertNotIn("notes.txt", p.stdout)
+        p = run(DF, "ls", "nosuch", "--config", cfg)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        out = os.path.join(self.dir, "web01.img")
+        p = run(DF, "convert", files[0]["url"], "-O", "raw", *self.opts, "-o", out)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(run("cmp", self.src, out).returncode, 0)
+        os.unlink(out)
+
+    def test_restore_to_a_block_device_full_of_old_data(self):
+        # The device's zero ranges must end up zero; the kernel zeroes them (BLKZEROOUT), so the
+        # process writes only the data: measured by its write() bytes (/proc/PID/io wchar).
+        # --discard: deallocated where zeros are guaranteed (a loop device punches holes in its
+        # backing file, which shrinks).
+        if os.geteuid() != 0:
+            self.skipTest("needs root for loop devices")
+        backing = os.path.join(self.dir, "device.bin")
+        size = os.path.getsize(self.src)
+        data = sum(1 for _ in range(0, 40, 5)) * MiB * 2  # make_source: 8 runs of < 2 MiB
+        for extra in ([], ["--discard"]):
+            with self.subTest(extra=extra):
+                with open(backing, "wb") as f:
+                    f.write(random.Random(3).randbytes(size))
+                p = run("losetup", "-f", "--show", backing)
+                if p.returncode != 0:
+                    self.skipTest("no loop device: " + p.stderr.strip())
+                dev = p.stdout.strip()
+                try:
+                    cmd = [DF, "convert", self.server.url("/backups/r/disk.qcow2.zst"), "-O",
+                           "raw", *self.opts, *extra, "-o", dev]
+                    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+                    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+                    with open(f"/proc/{proc.pid}/io") as f:
+                        io = dict(line.split(": ") for line in f.read().splitlines())
+                    err = proc.communicate()[1]
+                    self.assertEqual(proc.returncode, 0, err)
+                    c = run("cmp", self.src, dev)
+                    self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+                    self.assertLess(int(io["wchar"]), data, io)
+                finally:
+                    run("losetup", "-d", dev)
+                blocks = os.stat(backing).st_blocks * 512
+                if extra:
+                    self.assertLess(blocks, size // 2, "--discard left the zeros allocated")
 
     def test_restore_to_qcow2(self):
         out = os.path.join(self.dir, "back.qcow2")
@@ -114,8 +284,7 @@ class Restore(unittest.TestCase):
             self.assertTrue(any(c.cut for c in px.connections), "the proxy cut nothing")
 
     def test_what_cannot_be_restored_yet_is_refused(self):
-        for name, words in (("disk.qcow2.zst", "inside a compressed file"),
-                            ("overlay.qcow2", "has a backing file"),
+        for name, words in (("overlay.qcow2", "has a backing file"),
                             ("missing.qcow2", "no such file")):
             with self.subTest(name=name):
                 out = os.path.join(self.dir, "refused.img")
