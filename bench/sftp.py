@@ -17,6 +17,10 @@ chroot + internal-sftp, as root):
             two stages alone (the conversion without the upload; the upload of the same qcow2
             bytes) to see whether they overlap, for plain qcow2 and (where the conversion costs
             real CPU) for --qcow2-compression zstd.
+  restore   disk8g.img's backup (a .qcow2 and a .qcow2.zst, made by diskferry, not timed) back to
+            a local raw file: `diskferry convert sftp://... -O raw` against `sftp get` to a
+            temporary file (+ `zstd -d`) + `qemu-img convert -O raw`; outputs checked with cmp
+            against disk8g.img (first run). Not in the default set (bench/run.sh restore).
 
 Every command of a part runs REPS times (default 3), interleaved and in alternating order (run 1:
 A B C, run 2: C B A, ...); the tables give the median. Before every run: outputs deleted, `sync`,
@@ -887,7 +891,91 @@ def part_e2e(server, reps):
     return p
 
 
-PARTS = {"loopback": part_loopback, "rtt30": part_rtt30, "e2e": part_e2e}
+def part_restore(server, reps):
+    """Restore of disk8g.img's backup from the loopback server to a local raw file: diskferry
+    convert sftp://... against `sftp get` to a temporary file (+ `zstd -d`) + `qemu-img convert`,
+    for a .qcow2 and a .qcow2.zst on the server (both made by diskferry, not timed)."""
+    if not os.path.exists(os.path.join(BENCH_DIR, IMG)):
+        raise SystemExit(f"bench/sftp.py: {BENCH_DIR}/{IMG} missing "
+                         f"(`bench/run.sh restore` builds it)")
+    port = server.srv.port
+    names = {"q": "restore.qcow2", "z": "restore.qcow2.zst"}
+    for key, extra in (("q", []), ("z", ["--compress", "zstd"])):
+        log(f"making {names[key]} on the server (not timed)")
+        subprocess.run([DISKFERRY, "convert", IMG, "-O", "qcow2", *extra, "--no-progress", "-o",
+                        server.remote(names[key])], cwd=BENCH_DIR, check=True)
+    sizes = {k: os.path.getsize(server.remote(n)) for k, n in names.items()}
+    # the decompressed qcow2 (what zstd -d leaves as the second temporary file)
+    qsize = sizes["q"]
+    p = Part("sftp-restore", f"restore: {IMG}'s backup from the loopback server to raw", server,
+             lambda c: [], reps)
+
+    def same_as_source(out):
+        def check(run_index):
+            if run_index > 0:
+                return True, "", None
+            c = subprocess.run(["cmp", IMG, out], cwd=BENCH_DIR, capture_output=True, text=True)
+            if c.returncode != 0:
+                return False, f"{out} differs from {IMG}: {c.stdout.strip()}", None
+            return True, "", None
+        return check
+
+    url = lambda n: f"sftp://dfuser@127.0.0.1:{port}/backups/{n}"  # noqa: E731
+    df = lambda n, out: ["diskferry", "convert", url(n), "-O", "raw", "-o", out,  # noqa: E731
+                         "--identity", KEY, "--known-hosts", KH, "--no-progress"]
+    b1 = write_batch("restore-get", f"get backups/{names['q']} restore-tmp.qcow2")
+    steps = [(sftp_argv(b1, port), None),
+             (["qemu-img", "convert", "-O", "raw", "restore-tmp.qcow2", "restore-base.img"], None)]
+    p.add(Contender("get", "OpenSSH sftp get && qemu-img convert -O raw", "base", steps,
+                    show(steps, port) + f"  # {b1}: get backups/{names['q']} restore-tmp.qcow2",
+                    local_out=["restore-tmp.qcow2", "restore-base.img"],
+                    check=same_as_source("restore-base.img"), payload=sizes["q"]))
+    steps = [(df(names["q"], "restore-df.img"), None)]
+    p.add(Contender("df", "diskferry convert sftp://….qcow2 -O raw", "cand", steps,
+                    show(steps, port), local_out=["restore-df.img", "restore-df.img.partial"],
+                    check=same_as_source("restore-df.img"), payload=sizes["q"]))
+    b2 = write_batch("restore-getz", f"get backups/{names['z']} restore-tmp.qcow2.zst")
+    steps = [(sftp_argv(b2, port), None),
+             (["zstd", "-q", "-d", "-f", "restore-tmp.qcow2.zst", "-o", "restore-tmpz.qcow2"],
+              None),
+             (["qemu-img", "convert", "-O", "raw", "restore-tmpz.qcow2", "restore-basez.img"],
+              None)]
+    p.add(Contender("getz", "OpenSSH sftp get && zstd -d && qemu-img convert -O raw", "base",
+                    steps, show(steps, port) + f"  # {b2}: get backups/{names['z']} "
+                    "restore-tmp.qcow2.zst",
+                    local_out=["restore-tmp.qcow2.zst", "restore-tmpz.qcow2", "restore-basez.img"],
+                    check=same_as_source("restore-basez.img"), payload=sizes["z"]))
+    steps = [(df(names["z"], "restore-dfz.img"), None)]
+    p.add(Contender("dfz", "diskferry convert sftp://….qcow2.zst -O raw", "cand", steps,
+                    show(steps, port), local_out=["restore-dfz.img", "restore-dfz.img.partial"],
+                    check=same_as_source("restore-dfz.img"), payload=sizes["z"]))
+    p.comparisons = [
+        ("restore .qcow2: diskferry vs sftp get && qemu-img convert", "speed", "df", ["get"],
+         ("≥ 1.0 (time ratio ≤ 1.0)", lambda r, per: r >= 1.0)),
+        ("restore .qcow2.zst: diskferry vs sftp get && zstd -d && qemu-img convert", "speed",
+         "dfz", ["getz"], ("≥ 1.0 (time ratio ≤ 1.0)", lambda r, per: r >= 1.0)),
+    ]
+    p.notes.append(f"Temporary bytes on disk beyond the output: sftp get + qemu-img: the "
+                   f"downloaded qcow2 ({sizes['q']:,} bytes); with zstd: the .zst "
+                   f"({sizes['z']:,}) + the decompressed qcow2 ({qsize:,}, peak "
+                   f"{sizes['z'] + qsize:,} before rm); diskferry: 0 (it writes only "
+                   f"OUT.partial, renamed to OUT). The raw outputs are sparse in every case.")
+    p.notes.append("diskferry reads the .qcow2.zst twice: pass 1 (header, its L2 tables and L1 "
+                   "table, which diskferry writes last) and the data pass, each a download and "
+                   "a decompression from the start (zstd cannot seek).")
+
+    def cleanup():
+        for n in names.values():
+            try:
+                os.unlink(server.remote(n))
+            except FileNotFoundError:
+                pass
+    p.cleanup = cleanup
+    return p
+
+
+PARTS = {"loopback": part_loopback, "rtt30": part_rtt30, "e2e": part_e2e,
+         "restore": part_restore}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -977,11 +1065,12 @@ def report(parts, started, idle, load0, versions):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", metavar="PART", help="loopback rtt30 e2e (default: all)")
+    ap.add_argument("parts", nargs="*", metavar="PART",
+                    help="loopback rtt30 e2e restore (default: all but restore)")
     ap.add_argument("--md-out", help="append the Markdown section to this file")
     ap.add_argument("--json", help="write every run's numbers to this file")
     a = ap.parse_args()
-    names = a.parts or list(PARTS)
+    names = a.parts or [n for n in PARTS if n != "restore"]
     for n in names:
         if n not in PARTS:
             ap.error(f"unknown part {n!r} (expected: {' '.join(PARTS)})")
