@@ -5,6 +5,8 @@
 #                                      #   + sftp-loopback sftp-rtt30 sftp-e2e
 #   bench/run.sh qcow2 sparse1t        # only some parts
 #   bench/run.sh sftp                  # the three sftp-* parts (bench/sftp.py; needs root)
+#   bench/run.sh restore               # restore from the loopback sshd: diskferry convert sftp://
+#                                      # vs sftp get [+ zstd -d] + qemu-img convert (sftp.py)
 #   REPS=5 BENCH_DIR=/mnt/scratch bench/run.sh
 #
 # Environment:
@@ -57,6 +59,7 @@ for a in "$@"; do
     qcow2 | vhdx | compress | sparse1t | zstd | sftp-loopback | sftp-rtt30 | sftp-e2e)
       PARTS+=("$a") ;;
     sftp) PARTS+=(sftp-loopback sftp-rtt30 sftp-e2e) ;;
+    restore) PARTS+=(restore) ;;
     *) echo "bench/run.sh: unknown part '$a' (expected: ${ALL_PARTS[*]} or all)" >&2; exit 2 ;;
   esac
 done
@@ -480,6 +483,7 @@ part_zstd() {
 part_sftp_loopback() { SFTP_PARTS+=(loopback); }
 part_sftp_rtt30() { SFTP_PARTS+=(rtt30); }
 part_sftp_e2e() { SFTP_PARTS+=(e2e); }
+part_restore() { SFTP_PARTS+=(restore); }  # not in `all`: needs root, ~8 GiB of outputs
 SFTP_MD=""
 run_sftp() {
   SFTP_MD=$BENCH_DIR/.sftp-section.md
