@@ -296,14 +296,26 @@ std::unique_ptr<Source> qcow2_in_stream(std::unique_ptr<ByteReader>& r, const st
                                         std::optional<uint64_t> input_bytes,
                                         const SourceOptions& opts) {
   if (c == SourceCompression::None ||
-      (opts.format != SourceFormat::Auto && opts.format != SourceFormat::Qcow2))
+      (opts.format != SourceFormat::Auto && opts.format != SourceFormat::Qcow2 &&
+       opts.format != SourceFormat::Vhdx))
     return nullptr;
-  std::vector<std::byte> head(4);
-  head.resize(r->read(head));
-  const bool qcow2 = opts.format == SourceFormat::Qcow2 || is_qcow2_magic(head);
+  std::vector<std::byte> head(8);
+  size_t got = 0;
+  while (got < head.size()) {
+    size_t n = r->read(MutableBytes(head).subspan(got));
+    if (n == 0) break;
+    got += n;
+  }
+  head.resize(got);
+  const bool auto_ = opts.format == SourceFormat::Auto;
+  const bool qcow2 = opts.format == SourceFormat::Qcow2 || (auto_ && is_qcow2_magic(head));
+  const bool vhdx = opts.format == SourceFormat::Vhdx || (auto_ && is_vhdx_magic(head));
   r = std::make_unique<PeekedReader>(std::move(r), std::move(head));
-  if (!qcow2) return nullptr;
-  return open_qcow2_stream_source(name, std::move(reopen), std::move(r), input_bytes, opts, c);
+  if (qcow2)
+    return open_qcow2_stream_source(name, std::move(reopen), std::move(r), input_bytes, opts, c);
+  if (vhdx)
+    return open_vhdx_stream_source(name, std::move(reopen), std::move(r), input_bytes, opts, c);
+  return nullptr;
 }
 
 std::vector<Extent> normalise(std::vector<Extent> v) {
@@ -385,7 +397,9 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
     return std::make_unique<RawFileSource>(path, size, std::move(opts));
   // Each pass decompresses the file again; look at the first decompressed bytes now.
   auto first = make_decoder(c, make_fd_reader(std::move(fd), path), path);
-  auto decoded = [path, c] { return make_decoder(c, make_fd_reader(open_input(path), path), path); };
+  auto decoded = [path, c] {
+    return make_decoder(c, make_fd_reader(open_input(path), path), path);
+  };
   if (auto img = qcow2_in_stream(first, path, c, decoded, size, opts)) return img;
   refuse_qcow2_stream(std::move(first), path, c, opts);
   return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));

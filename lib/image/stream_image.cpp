@@ -8,6 +8,8 @@
 
 #include "image/qcow2_header.hpp"
 #include "image/qcow2_source.hpp"
+#include "image/vhdx_header.hpp"
+#include "image/vhdx_source.hpp"
 #include "pipeline/progress.hpp"
 #include "util/error.hpp"
 
@@ -380,6 +382,83 @@ std::unique_ptr<Source> open_qcow2_stream_source(const std::string& name, Stream
                             "first (diskferry convert SOURCE --source-format raw -O raw -o "
                             "FILE.qcow2), then convert that file",
                             name, sweeps, compression_name(c)));
+  return std::make_unique<Qcow2StreamSource>(name, std::move(s), std::move(inner), sweeps,
+                                             options.progress);
+}
+
+// A VHDX inside a stream. Its structure is all in the first MiB (headers, region tables) and in
+// the regions they name (BAT, metadata: diskferry puts them after the payload), so pass 1 keeps
+// the first MiB, then each region as the stream passes it, and reads on to the end to learn the
+// file's size; the VHDX reader then finds its tables in memory, and every Source pass streams the
+// payload blocks in file order.
+std::unique_ptr<Source> open_vhdx_stream_source(const std::string& name, StreamOpener open,
+                                                std::unique_ptr<ByteReader> first,
+                                                std::optional<uint64_t> input_bytes,
+                                                const SourceOptions& options, SourceCompression c) {
+  if (options.layout)
+    throw Error(ErrorKind::Usage,
+                fmt::format("{}: --layout applies to raw sources; a VHDX image has its own "
+                            "allocation map",
+                            name));
+  constexpr uint64_t kHeaderSection = 1u << 20;
+  constexpr uint64_t kRegionTable = 192u << 10;  // the first region table (MS-VHDX 2.2.3)
+  constexpr uint64_t kMaxRegion = 256u << 20;    // larger regions are read by the reader itself
+  auto s = std::make_shared<RestartableStream>(name, std::move(open), std::move(first));
+  Progress progress(
+      options.progress,
+      fmt::format("VHDX in {}: pass 1, headers, BAT and metadata", compression_name(c)),
+      input_bytes);
+  uint64_t read_so_far = 0;
+  s->on_progress([&](uint64_t done) {
+    read_so_far = done;
+    progress.update(done);
+  });
+  s->capture({{0, kHeaderSection}});
+  const std::vector<std::byte>& head = *s->captured(0);
+  // Only where the regions are: the reader checks signatures and CRCs when it parses them.
+  std::vector<Extent> regions;
+  if (head.size() >= kRegionTable + 16 && std::memcmp(&head[kRegionTable], "regi", 4) == 0) {
+    uint32_t n = get_le32(&head[kRegionTable + 8]);
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < std::min<uint32_t>(n, 2047); ++i) {
+      const size_t e = kRegionTable + 16 + size_t{i} * 32;
+      if (e + 32 > head.size()) break;
+      uint64_t off = get_le64(&head[e + 16]);
+      uint64_t len = get_le32(&head[e + 24]);
+      if (off < kHeaderSection || len == 0 || len > kMaxRegion || total + len > 2 * kMaxRegion)
+        continue;
+      bool overlaps = false;
+      for (const auto& r : regions) overlaps |= off < r.end() && r.offset < off + len;
+      if (overlaps) continue;
+      regions.push_back({off, len});
+      total += len;
+    }
+  }
+  if (!regions.empty()) s->capture(regions);
+  s->drain();  // the size, and a complete stream
+  s->on_progress({});
+  progress.done(read_so_far);
+  const uint64_t size = *s->size();
+  ReadAt read = [s](MutableBytes b, uint64_t off) { return s->read_at(off, b); };
+  VhdxImage img = read_vhdx(read, size, name);
+  // Payload blocks are read in guest order; each step back in the file is another sweep.
+  int sweeps = 1;
+  uint64_t last = 0;
+  for (uint64_t b = 0; b < img.blocks.size(); ++b) {
+    if (img.block_state(b) != kVhdxBlockFullyPresent) continue;
+    if (img.block_offset(b) < last) ++sweeps;
+    last = img.block_offset(b);
+  }
+  if (sweeps > kMaxDataSweeps)
+    throw Error(ErrorKind::Input,
+                fmt::format("{}: its payload blocks are far out of guest order (a VHDX not "
+                            "written by diskferry), which would take {} reads of the {} stream "
+                            "per pass; a compressed stream cannot seek: decompress it to a file "
+                            "first (diskferry convert SOURCE --source-format raw -O raw -o "
+                            "FILE.vhdx), then convert that file",
+                            name, sweeps, compression_name(c)));
+  s->set_lookback(static_cast<size_t>(std::min<uint64_t>(4 * uint64_t{img.block_size}, 64u << 20)));
+  auto inner = open_vhdx_source_at(read, size, name, options);
   return std::make_unique<Qcow2StreamSource>(name, std::move(s), std::move(inner), sweeps,
                                              options.progress);
 }

@@ -112,6 +112,16 @@ std::unique_ptr<Source> open_qcow2_stream_source(const std::string& name, Stream
                                                  const SourceOptions& options,
                                                  SourceCompression compression);
 
+// A VHDX inside a re-openable stream (.vhdx.zst, .vhdx.gz): pass 1 keeps the header section and
+// the regions its region table names (BAT, metadata) and reads on to the end; every Source pass
+// then streams the payload blocks in file order. Blocks far out of guest order are refused as
+// for qcow2.
+std::unique_ptr<Source> open_vhdx_stream_source(const std::string& name, StreamOpener open,
+                                                std::unique_ptr<ByteReader> first,
+                                                std::optional<uint64_t> input_bytes,
+                                                const SourceOptions& options,
+                                                SourceCompression compression);
+
 // At most this many sweeps of the stream per data pass (a foreign image's clusters out of
 // order); more are refused before anything is written.
 inline constexpr int kMaxDataSweeps = 4;

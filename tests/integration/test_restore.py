@@ -58,7 +58,9 @@ class Restore(unittest.TestCase):
                            "disk.qcow2.gz": ["-O", "qcow2", "--compress", "gzip:1"],
                            "zstdc.qcow2.zst": ["-O", "qcow2", "--qcow2-compression", "zstd",
                                                "--compress", "zstd"],
-                           "disk.vhdx": ["-O", "vhdx"]}.items():
+                           "disk.vhdx": ["-O", "vhdx"],
+                           "disk.vhdx.zst": ["-O", "vhdx", "--block-size", "1M", "--compress",
+                                             "zstd"]}.items():
             p = run(DF, "convert", cls.src, *args, *cls.opts, "-o",
                     cls.server.url(f"/backups/r/{name}"))
             assert p.returncode == 0, p.stderr
@@ -135,6 +137,38 @@ class Restore(unittest.TestCase):
                 c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
                 self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
                 os.unlink(out)
+
+    def test_vhdx_inside_zstd_restores(self):
+        # diskferry's VHDX (BAT and metadata after the payload) and QEMU's (before it).
+        qemu = os.path.join(self.remote, "qemu.vhdx")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vhdx", "-o",
+                        "subformat=dynamic,block_size=1M", self.src, qemu], check=True)
+        subprocess.run(["zstd", "-q", "-1", "--rm", "-f", qemu, "-o", qemu + ".zst"], check=True)
+        for name in ("disk.vhdx.zst", "qemu.vhdx.zst"):
+            with self.subTest(name=name):
+                out = os.path.join(self.dir, name + ".img")
+                p = self.restore(name, "raw", out, extra=["--progress"])
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertIn("VHDX in zstd: pass 1", p.stderr)
+                self.assertEqual(run("cmp", self.src, out).returncode, 0)
+                os.unlink(out)
+                out = os.path.join(self.dir, name + ".back.qcow2")
+                p = self.restore(name, "qcow2", out)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
+                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+                os.unlink(out)
+        # Cut short: one line, nothing under the name.
+        with open(os.path.join(self.remote, "disk.vhdx.zst"), "rb") as f:
+            data = f.read()
+        with open(os.path.join(self.remote, "short.vhdx.zst"), "wb") as f:
+            f.write(data[: len(data) // 2])
+        out = os.path.join(self.dir, "short.img")
+        p = self.restore("short.vhdx.zst", "raw", out)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn("zstd", p.stderr)
+        self.assertFalse(os.path.exists(out) or os.path.exists(out + ".partial"))
 
     def test_local_qcow2_zst_restores(self):
         out = os.path.join(self.dir, "local.img")

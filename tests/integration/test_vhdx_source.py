@@ -287,14 +287,17 @@ class HostileVhdx(unittest.TestCase):
         v.write(v.items[DISK_SIZE], struct.pack("<Q", 1 << 40))  # BAT far too small for it
         self.fails(v.path, [v.path, "cannot hold"])
 
-    def test_forced_on_raw_and_streams_refused(self):
+    def test_forced_on_raw_stdin_refused_damage_in_zst_found(self):
         raw = os.path.join(self.dir, "plain.raw")
         make_raw(raw, 2, 1)
         self.fails(raw, [raw, "vhdxfile"], extra=("--source-format", "vhdx"))
+        # Inside .zst it is read in passes over the stream: damage is found the same way.
         v = self.good()
+        v.write(v.items[DISK_SIZE], struct.pack("<Q", 1 << 62))
         zst = v.path + ".zst"
-        run("zstd", "-q", v.path, "-o", zst)
-        self.fails(zst, [zst, "VHDX image inside a compressed file"])
+        run("zstd", "-q", "-f", v.path, "-o", zst)
+        self.fails(zst, [zst, "exceeds the format's limit"])
+        v = self.good()
         with open(v.path, "rb") as f:
             self.fails("-", ["stdin", "VHDX image cannot be read as a stream"], stdin=f)
 
