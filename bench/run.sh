@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # diskferry benchmark suite: diskferry against qemu-img (and qemu-img + zstd), side by side.
 #
-#   bench/run.sh                       # every part: qcow2 vhdx compress sparse1t zstd
-#                                      #   + sftp-loopback sftp-rtt30 sftp-e2e
+#   bench/run.sh                       # every part: qcow2 vhdx compress sparse1t zstd chain
+#                                      #   decompress + sftp-loopback sftp-rtt30 sftp-e2e
 #   bench/run.sh qcow2 sparse1t        # only some parts
 #   bench/run.sh sftp                  # the three sftp-* parts (bench/sftp.py; needs root)
 #   bench/run.sh restore               # restore from the loopback sshd: diskferry convert sftp://
 #                                      # vs sftp get [+ zstd -d] + qemu-img convert (sftp.py)
+#   bench/run.sh chain decompress      # qcow2 backing chains (plain, zlib and zstd bases) to
+#                                      # qcow2; inflating compressed clusters, --threads 1 vs 2
 #   REPS=5 BENCH_DIR=/mnt/scratch bench/run.sh
 #
 # Environment:
@@ -44,7 +46,7 @@ REPS=${REPS:-3}
 DISKFERRY=${DISKFERRY:-$ROOT/build/bin/diskferry}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 OUT_DIR=${OUT_DIR:-$HERE/out}
-ALL_PARTS=(qcow2 vhdx compress sparse1t zstd sftp-loopback sftp-rtt30 sftp-e2e)
+ALL_PARTS=(qcow2 vhdx compress sparse1t zstd chain decompress sftp-loopback sftp-rtt30 sftp-e2e)
 
 usage() {
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
@@ -56,7 +58,7 @@ for a in "$@"; do
   case $a in
     -h | --help) usage; exit 0 ;;
     all) PARTS+=("${ALL_PARTS[@]}") ;;
-    qcow2 | vhdx | compress | sparse1t | zstd | sftp-loopback | sftp-rtt30 | sftp-e2e)
+    qcow2 | vhdx | compress | sparse1t | zstd | chain | decompress | sftp-loopback | sftp-rtt30 | sftp-e2e)
       PARTS+=("$a") ;;
     sftp) PARTS+=(sftp-loopback sftp-rtt30 sftp-e2e) ;;
     restore) PARTS+=(restore) ;;
@@ -175,6 +177,69 @@ build_sparse1t() {
 
 info() { sed -n "s/^$2=//p" "$1.info"; }
 
+# Backing chains for the chain and decompress parts, in BENCH_DIR/chain/ (kept for later runs;
+# the clean-up of ./*.qcow2 at the start of a run does not reach them):
+#   base.qcow2 <- snap1.qcow2 <- top.qcow2             base: qemu-img convert -O qcow2 of disk8g.img
+#   zlib-base.qcow2 <- zlib-snap1.qcow2 <- zlib-top.qcow2   base: qemu-img convert -c (zlib clusters)
+#   zstd-base.qcow2 <- zstd-snap1.qcow2 <- zstd-top.qcow2   base: ... -o compression_type=zstd
+# The overlays are the same in all three: snap1 gets 1,024 writes of 64 KiB at random
+# cluster-aligned offsets over the whole disk and 64 MiB at 6 GiB (free space of the ext4);
+# top 512 writes of 64 KiB, 512 writes of 4 KiB (each copies its 64 KiB cluster up from below),
+# 32 MiB of `write -z` over data of the base at 2 GiB, and 16 MiB at 7 GiB.
+CHAIN=chain
+CHAIN_KINDS=(plain zlib zstd)
+chain_prefix() { [[ $1 == plain ]] && echo "$CHAIN/" || echo "$CHAIN/$1-"; }
+chain_files() { local p; p=$(chain_prefix "$1"); echo "${p}base.qcow2 ${p}snap1.qcow2 ${p}top.qcow2"; }
+
+# qemu-io -c arguments, one per line: COUNT writes of SIZE at random SIZE-aligned offsets below
+# LIMIT, pattern byte from the seed (fixed seeds: every chain gets the same writes).
+overlay_writes() { # SEED COUNT SIZE LIMIT
+  python3 - "$@" <<'PYEOF'
+import random, sys
+seed, count, size, limit = (int(a) for a in sys.argv[1:])
+r = random.Random(seed)
+for _ in range(count):
+    print(f"write -P {r.randrange(1, 255):#04x} {r.randrange(limit // size) * size} {size}")
+PYEOF
+}
+
+build_chains() {
+  local kind p
+  for kind in "${CHAIN_KINDS[@]}"; do
+    p=$(chain_prefix "$kind")
+    [[ -f ${p}top.qcow2 && -f ${p}top.qcow2.info ]] && continue
+    log "building the $kind chain ${p}base.qcow2 <- snap1 <- top (cached for later runs)"
+    mkdir -p "$CHAIN"
+    rm -f "${p}base.qcow2" "${p}snap1.qcow2" "${p}top.qcow2" "${p}top.qcow2.info"
+    case $kind in
+      plain) "$QEMU_IMG" convert -O qcow2 "$IMG" "${p}base.qcow2" ;;
+      zlib) "$QEMU_IMG" convert -c -O qcow2 "$IMG" "${p}base.qcow2" ;;
+      zstd) "$QEMU_IMG" convert -c -O qcow2 -o compression_type=zstd "$IMG" "${p}base.qcow2" ;;
+    esac
+    # Backing names relative to the overlay's directory, as a snapshot tool writes them.
+    "$QEMU_IMG" create -q -f qcow2 -b "$(basename "${p}base.qcow2")" -F qcow2 "${p}snap1.qcow2"
+    "$QEMU_IMG" create -q -f qcow2 -b "$(basename "${p}snap1.qcow2")" -F qcow2 "${p}top.qcow2"
+    local -a args=()
+    mapfile -t w < <(overlay_writes 1 1024 65536 $((8 << 30)); echo "write -P 0x5a 6G 64M")
+    for c in "${w[@]}"; do args+=(-c "$c"); done
+    qemu-io -f qcow2 "${args[@]}" "${p}snap1.qcow2" >/dev/null
+    args=()
+    mapfile -t w < <(overlay_writes 2 512 65536 $((8 << 30)); overlay_writes 3 512 4096 $((8 << 30))
+      echo "write -z 2G 32M"; echo "write -P 0xa5 7G 16M")
+    for c in "${w[@]}"; do args+=(-c "$c"); done
+    qemu-io -f qcow2 "${args[@]}" "${p}top.qcow2" >/dev/null
+    local f files=()
+    read -ra files <<<"$(chain_files "$kind")"
+    {
+      for f in "${files[@]}"; do echo "$(basename "$f")_bytes=$(stat -c %s "$f")"; done
+      # Guest bytes that read as data (not zero, not unallocated) through the whole chain.
+      echo "data_bytes=$("$QEMU_IMG" map -f qcow2 --output=json "${p}top.qcow2" |
+        python3 -c 'import json,sys; print(sum(e["length"] for e in json.load(sys.stdin) if e["data"] and not e["zero"]))')"
+      echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    } >"${p}top.qcow2.info"
+  done
+}
+
 # ---------------------------------------------------------------- timing groups
 # A group is one comparison: a baseline command and the commands compared with it, run
 # interleaved (rep 1 of each, rep 2 of each, ...). Rows are collected into ROWS for the table.
@@ -256,7 +321,7 @@ rm_outputs() { # "FILE [FILE...]"
 }
 
 run_group() {
-  local n=${#G_CMD[@]} i r
+  local n=${#G_CMD[@]} i r f
   local -a times cpus rss err busy
   for ((i = 0; i < n; i++)); do times[i]=""; cpus[i]=""; rss[i]=0; err[i]=""; busy[i]=0; done
   for ((r = 1; r <= G_REPS; r++)); do
@@ -268,7 +333,7 @@ run_group() {
       ((RAN_BUSY)) && busy[i]=$((busy[i] + 1))
       # This VM evicts page cache unused for ~30 s (DAMON pageout), so re-read the source's
       # data right before every run: each tool starts with the whole source in the page cache.
-      read_data "$G_SRC" >/dev/null
+      for f in $G_SRC; do read_data "$f" >/dev/null; done
       log "$G_PART [$r/$G_REPS] ${G_CMD[i]}"
       if timed "${G_CMD[i]}"; then
         # A self-timed command prints "... SECONDS" as its last line: that is its time.
@@ -388,6 +453,36 @@ check_zstd_stream() { # SOURCE
   return $rc
 }
 
+# A qcow2 made from a chain: the same disk as the chain (qemu-img compare), consistent
+# (qemu-img check), and the same disk as qemu-img's own conversion of the chain (made here once).
+check_chain() { # TOP OUTPUT
+  local top=$1 out=$2 msg rc=0
+  msg=$("$QEMU_IMG" compare -f qcow2 -F qcow2 "$top" "$out" 2>&1) || rc=$?
+  if ((rc != 0)); then CHK_NOTE="qemu-img compare with $top: $(echo "$msg" | head -n2 | tr '\n' ' ')"; return 1; fi
+  msg=$("$QEMU_IMG" check -f qcow2 "$out" 2>&1) || rc=$?
+  if ((rc != 0)); then CHK_NOTE="qemu-img check: $(echo "$msg" | head -n3 | tr '\n' ' ')"; return 1; fi
+  rm -f chain-check-qemu.qcow2
+  "$QEMU_IMG" convert -O qcow2 "$top" chain-check-qemu.qcow2
+  msg=$("$QEMU_IMG" compare -f qcow2 -F qcow2 chain-check-qemu.qcow2 "$out" 2>&1) || rc=$?
+  rm -f chain-check-qemu.qcow2
+  if ((rc != 0)); then CHK_NOTE="qemu-img compare with qemu-img's output: $(echo "$msg" | head -n2 | tr '\n' ' ')"; return 1; fi
+  return 0
+}
+
+# Raw output streamed to /dev/null in the timed runs: once more into a (sparse) file, compared.
+check_raw() { # IMAGE EXTRA_ARGS...
+  local img=$1 out=raw-check.raw rc=0 msg; shift
+  rm -f "$out"
+  if ! diskferry convert "$img" -O raw "$@" -o "$out" 2>.stderr.out; then
+    CHK_NOTE="run into a file failed: $(tail -n2 .stderr.out | tr '\n' ' ')"; rm -f "$out"; return 1
+  fi
+  CHK_SIZE=$(stat -c %s "$out")
+  msg=$("$QEMU_IMG" compare -f qcow2 -F raw "$img" "$out" 2>&1) || rc=$?
+  ((rc == 0)) || CHK_NOTE="qemu-img compare: $(echo "$msg" | head -n2 | tr '\n' ' ')"
+  rm -f "$out"
+  return $rc
+}
+
 # The qemu-img + zstd pipeline keeps its temporary qcow2: report both sizes.
 check_pipeline() {
   CHK_SIZE=$(stat -c %s out-pipe.qcow2.zst)
@@ -396,10 +491,10 @@ check_pipeline() {
   rm -f tmp-pipe.qcow2
 }
 
-warm() { # IMAGE
-  local t0=$EPOCHREALTIME b
-  b=$(read_data "$1")
-  log "warm-up: read $(mib "$b") MiB of data extents of $1 in \
+warm() { # IMAGE [IMAGE...]
+  local t0=$EPOCHREALTIME b=0 f
+  for f in "$@"; do b=$((b + $(read_data "$f"))); done
+  log "warm-up: read $(mib "$b") MiB of data extents of $* in \
 $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }') s"
 }
 
@@ -478,6 +573,51 @@ part_zstd() {
   run_group
 }
 
+# qcow2 -> qcow2 of a backing chain (issue 5: no slower than qemu-img to a file). qemu-img's
+# default target cache mode (unsafe) never flushes; diskferry fsyncs DEST.partial before the
+# rename, so -t writeback is shown too, and diskferry through stdout into a file (planned layout:
+# the chain is read twice, no fsync).
+part_chain() {
+  local kind top files p reps
+  for kind in "${CHAIN_KINDS[@]}"; do
+    p=$(chain_prefix "$kind")
+    top=${p}top.qcow2
+    files=$(chain_files "$kind")
+    # shellcheck disable=SC2086
+    warm $files
+    reps=$REPS
+    [[ $kind == plain ]] && reps=$((REPS < 7 ? 7 : REPS))  # ~1 s runs: see part_qcow2
+    group "chain-$kind" "$files" "$reps"
+    variant base "qemu-img" "qemu-img convert -O qcow2 $top ch-qemu.qcow2" ch-qemu.qcow2 "" ""
+    variant base2 "qemu-img, flushed (-t writeback)" \
+      "qemu-img convert -t writeback -O qcow2 $top ch-qemu-wb.qcow2" ch-qemu-wb.qcow2 "" ""
+    variant cand "diskferry, file (1 read, fsync)" "diskferry convert $top -O qcow2 -o ch-df.qcow2" \
+      ch-df.qcow2 "check_chain $top ch-df.qcow2" "ratio<=1.0"
+    variant cand "diskferry, stdout to a file (2 reads, no fsync)" \
+      "diskferry convert $top -O qcow2 -o - >ch-df-stdout.qcow2" ch-df-stdout.qcow2 \
+      "check_chain $top ch-df-stdout.qcow2" "ratio<=1.0"
+    variant cand "diskferry, stream (2 reads, no writes)" \
+      "diskferry convert $top -O qcow2 -o /dev/null" "" "" ""
+    run_group
+  done
+}
+
+# Inflating compressed clusters (issue 5: on all cores): the zlib and zstd bases to raw on
+# /dev/null (no writes: the reading and inflating alone), --threads 1 against --threads 2.
+part_decompress() {
+  local kind base
+  for kind in zlib zstd; do
+    base=$(chain_prefix "$kind")base.qcow2
+    warm "$base"
+    group "decompress-$kind" "$base"
+    variant base "diskferry --threads 1" \
+      "diskferry convert $base -O raw --threads 1 -o - >/dev/null" "" "" ""
+    variant cand "diskferry --threads 2" \
+      "diskferry convert $base -O raw --threads 2 -o - >/dev/null" "" "check_raw $base --threads 2" ""
+    run_group
+  done
+}
+
 # The sftp-* parts: bench/sftp.py runs them (one sshd per part, its own table), once for all of
 # the requested ones, after the other parts; its Markdown section goes into the results file.
 part_sftp_loopback() { SFTP_PARTS+=(loopback); }
@@ -505,6 +645,7 @@ for p in "${PARTS[@]}"; do
 done
 ((need_img)) && build_disk8g
 ((need_sparse)) && build_sparse1t
+for p in "${PARTS[@]}"; do [[ $p == chain || $p == decompress ]] && { build_chains; break; }; done
 rm -f ./*.qcow2 ./*.vhdx ./*.zst ./*.partial
 
 SFTP_PARTS=()
@@ -542,6 +683,17 @@ images() {
     echo "- \`$SPARSE\`: $(mib "$(info "$SPARSE" virtual_bytes)") MiB virtual (1 TiB), 100 x 1 MiB of" \
       "/dev/urandom spread over the range; $(mib "$(info "$SPARSE" data_bytes)") MiB data extents"
   fi
+  local kind p f sizes
+  for kind in "${CHAIN_KINDS[@]}"; do
+    p=$(chain_prefix "$kind")
+    [[ -f ${p}top.qcow2.info ]] || continue
+    sizes=""
+    for f in $(chain_files "$kind"); do
+      sizes+="${sizes:+ / }$(mib "$(info "${p}top.qcow2" "$(basename "$f")_bytes")")"
+    done
+    echo "- chain \`${p}top.qcow2\` ($kind base): base / snap1 / top files $sizes MiB;" \
+      "$(mib "$(info "${p}top.qcow2" data_bytes)") MiB of guest data through the chain (qemu-img map)"
+  done
 }
 
 table() {
