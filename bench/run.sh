@@ -593,6 +593,9 @@ part_chain() {
       "qemu-img convert -t writeback -O qcow2 $top ch-qemu-wb.qcow2" ch-qemu-wb.qcow2 "" ""
     variant cand "diskferry, file (1 read, fsync)" "diskferry convert $top -O qcow2 -o ch-df.qcow2" \
       ch-df.qcow2 "check_chain $top ch-df.qcow2" "ratio<=1.0"
+    variant cand "diskferry --no-sync, file (1 read; no fsync, as qemu-img)" \
+      "diskferry convert $top -O qcow2 --no-sync -o ch-df-ns.qcow2" ch-df-ns.qcow2 \
+      "check_chain $top ch-df-ns.qcow2" "ratio<=1.0"
     variant cand "diskferry, stdout to a file (2 reads, fsync)" \
       "diskferry convert $top -O qcow2 -o - >ch-df-stdout.qcow2" ch-df-stdout.qcow2 \
       "check_chain $top ch-df-stdout.qcow2" "ratio<=1.0"

@@ -44,6 +44,7 @@ struct RemoteArgs {
   int streams = 4;
   std::string bwlimit;
   bool discard = false;
+  bool no_sync = false;
 
   // Options of a block-device destination (convert only).
   void add_device_options(CLI::App& c) {
@@ -52,6 +53,10 @@ struct RemoteArgs {
                "them, where the device guarantees they then read as zeros (the kernel's "
                "write-zeroes with unmap; else BLKZEROOUT, else written zeros). Plain discard, "
                "after which a device may return old data, is never used");
+    c.add_flag("--no-sync", no_sync,
+               "Do not fsync a file or device destination when done (as qemu-img convert does "
+               "not by default): faster, but after a crash the file may hold less than it "
+               "says. For scratch copies, not backups");
   }
 
   void add(CLI::App& c) {
@@ -118,7 +123,8 @@ struct RemoteArgs {
 
   std::unique_ptr<Destination> open(const std::string& dest) const {
     if (!sftp::is_sftp_url(dest))
-      return make_single_destination(dest == "-" ? "stdout" : dest, open_file_sink(dest, discard));
+      return make_single_destination(dest == "-" ? "stdout" : dest,
+                                     open_file_sink(dest, {discard, !no_sync}));
     return sftp::open_sftp_destination(sftp::parse_url(dest), sink_options());
   }
 };

@@ -13,7 +13,7 @@ PACKAGES=(
   doctest-dev libcli11-dev nlohmann-json3-dev libsystemd-dev libssl-dev
   # reference readers and tools the tests and demo use
   qemu-utils libqcow-utils libvhdi-utils zstd gzip xxd python3 e2fsprogs
-  openssh-server openssh-client xfsprogs sqlite3 time util-linux
+  openssh-server openssh-client xfsprogs sqlite3 time util-linux strace
   # SFTP servers the integration tests run on 127.0.0.1
   proftpd-core proftpd-mod-crypto rclone
   # packaging and operations: cpack -G DEB (dpkg-shlibdeps, file), systemd-analyze verify and

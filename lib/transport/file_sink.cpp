@@ -22,7 +22,7 @@ class FileSink final : public Sink {
   // block: a block device, whose zero ranges are zeroed by the kernel where it can (and, with
   // discard, deallocated where that keeps them reading as zeros).
   FileSink(UniqueFd fd, std::string name, std::string final_path, bool publish, bool positioned,
-           bool block = false, bool discard = false)
+           bool block = false, bool discard = false, bool sync = true)
       : fd_(std::move(fd)),
         name_(std::move(name)),
         final_(std::move(final_path)),
@@ -30,7 +30,8 @@ class FileSink final : public Sink {
         positioned_(positioned),
         holes_(publish),
         block_(block),
-        discard_(discard) {}
+        discard_(discard),
+        sync_(sync) {}
   ~FileSink() override {
     if (!done_) abort();
   }
@@ -69,12 +70,13 @@ class FileSink final : public Sink {
         throw_errno(ErrorKind::Output, name_, "cannot set file size", errno);
     }
     if (publish_) {
-      if (::fsync(fd_.get()) != 0) throw_errno(ErrorKind::Output, name_, "fsync failed", errno);
+      if (sync_ && ::fsync(fd_.get()) != 0)
+        throw_errno(ErrorKind::Output, name_, "fsync failed", errno);
       fd_.reset();
       if (::rename(name_.c_str(), final_.c_str()) != 0)
         throw_errno(ErrorKind::Output, final_, "cannot rename partial file into place", errno);
-      sync_parent_dir();
-    } else if (fd_.get() != STDOUT_FILENO) {
+      if (sync_) sync_parent_dir();
+    } else if (sync_ && fd_.get() != STDOUT_FILENO) {
       if (::fsync(fd_.get()) != 0 && errno != EINVAL && errno != EROFS)
         throw_errno(ErrorKind::Output, name_, "fsync failed", errno);
     }
@@ -151,20 +153,21 @@ class FileSink final : public Sink {
   UniqueFd fd_;
   std::string name_, final_;
   bool publish_, positioned_, holes_;
-  bool block_, discard_, kernel_zero_ = true;
+  bool block_, discard_, sync_, kernel_zero_ = true;
   uint64_t pos_ = 0, pending_hole_ = 0;
   bool done_ = false;
 };
 
 }  // namespace
 
-std::unique_ptr<Sink> open_file_sink(const std::string& path, bool discard) {
+std::unique_ptr<Sink> open_file_sink(const std::string& path, const FileSinkOptions& o) {
   if (path == "-") {
     if (::isatty(STDOUT_FILENO))
       throw Error(ErrorKind::Usage,
                   "refusing to write a disk image to a terminal: redirect stdout or use -o FILE");
     // Treated as a stream even when stdout happens to be a file: `-o -` means a pipe.
-    return std::make_unique<FileSink>(UniqueFd(::dup(STDOUT_FILENO)), "stdout", "", false, false);
+    return std::make_unique<FileSink>(UniqueFd(::dup(STDOUT_FILENO)), "stdout", "", false, false,
+                                      false, false, o.sync);
   }
   if (path.empty()) throw Error(ErrorKind::Usage, "destination path is empty");
   if (path.back() == '/')
@@ -179,13 +182,13 @@ std::unique_ptr<Sink> open_file_sink(const std::string& path, bool discard) {
       if (fd < 0) throw_errno(ErrorKind::Output, path, "cannot open destination", errno);
       // Block devices take the positioned header rewrite; pipes and char devices are streams.
       return std::make_unique<FileSink>(UniqueFd(fd), path, path, false, S_ISBLK(st.st_mode),
-                                        S_ISBLK(st.st_mode), discard);
+                                        S_ISBLK(st.st_mode), o.discard, o.sync);
     }
   }
   std::string partial = path + ".partial";
   int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw_errno(ErrorKind::Output, partial, "cannot create destination", errno);
-  return std::make_unique<FileSink>(UniqueFd(fd), partial, path, true, true);
+  return std::make_unique<FileSink>(UniqueFd(fd), partial, path, true, true, false, false, o.sync);
 }
 
 }  // namespace diskferry

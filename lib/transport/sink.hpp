@@ -59,7 +59,14 @@ class FilterSink : public Sink {
 // block or character device is written in place. A block device's zero ranges are zeroed with
 // BLKZEROOUT where it has it (it keeps old data where nothing is written); `discard`: first try
 // to deallocate them in a way that guarantees zeros (fallocate PUNCH_HOLE, never BLKDISCARD).
-std::unique_ptr<Sink> open_file_sink(const std::string& path, bool discard = false);
+struct FileSinkOptions {
+  // A block device's zero ranges are deallocated where that keeps them reading as zeros.
+  bool discard = false;
+  // fsync before the rename (and the directory after it), so a crash never leaves a file under
+  // the final name whose data is not on disk. Off only on request, for scratch copies.
+  bool sync = true;
+};
+std::unique_ptr<Sink> open_file_sink(const std::string& path, const FileSinkOptions& options = {});
 
 // Counts bytes and drops them (measure with outer compression).
 std::unique_ptr<Sink> make_counting_sink();

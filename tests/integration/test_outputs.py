@@ -221,6 +221,21 @@ class Outputs(unittest.TestCase):
         self.assertFalse(os.path.exists(self.p("stdin.tar")))
         self.assertFalse(os.path.exists(self.p("stdin.tar.partial")))
 
+    def test_no_sync_skips_the_fsync_and_nothing_else(self):
+        if not shutil.which("strace"):
+            self.skipTest("strace is not installed (scripts/setup.sh installs it)")
+        for extra, syncs in (([], True), (["--no-sync"], False)):
+            out = self.p("ns.qcow2")
+            p = ok(run("strace", "-f", "-e", "trace=fsync,fdatasync,rename", "-o",
+                       self.p("strace.log"), DF, "convert", self.top, "--no-progress", "-O",
+                       "qcow2", *extra, "-o", out))
+            with open(self.p("strace.log")) as f:
+                log = f.read()
+            self.assertEqual("fsync(" in log, syncs, log)
+            self.assertIn("rename(", log)  # still published atomically
+            self.assert_same_disk(out, "qcow2")
+            os.unlink(out)
+
     def test_members_past_8_gib_get_pax_sizes(self):
         big = self.p("big.img")
         with open(big, "wb") as f:
