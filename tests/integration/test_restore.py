@@ -52,6 +52,10 @@ class Restore(unittest.TestCase):
         cls.remote = os.path.join(cls.server.backups, "r")
         for name, args in {"plain.qcow2": ["-O", "qcow2"],
                            "zstdc.qcow2": ["-O", "qcow2", "--qcow2-compression", "zstd"],
+                           "zlibc.qcow2": ["-O", "qcow2", "--qcow2-compression", "zlib"],
+                           "disk.raw": ["-O", "raw"],
+                           "disk.vhdx.gz": ["-O", "vhdx", "--block-size", "1M", "--compress",
+                                            "gzip:1"],
                            "disk.raw.zst": ["-O", "raw", "--compress", "zstd"],
                            "disk.raw.gz": ["-O", "raw", "--compress", "gzip:1"],
                            "disk.qcow2.zst": ["-O", "qcow2", "--compress", "zstd"],
@@ -104,8 +108,10 @@ class Restore(unittest.TestCase):
                    *opts, *extra, "-o", out)
 
     def test_raw_restores_are_identical_and_sparse(self):
-        for name in ("plain.qcow2", "zstdc.qcow2", "disk.raw.zst", "disk.raw.gz", "qemu.qcow2",
-                     "disk.vhdx"):
+        # Every format and compression: qcow2 (plain, zstd and zlib clusters, QEMU's layout),
+        # raw, VHDX, each bare or inside zstd/gzip (the .qcow2.* and .vhdx.zst ones below).
+        for name in ("plain.qcow2", "zstdc.qcow2", "zlibc.qcow2", "disk.raw", "disk.raw.zst",
+                     "disk.raw.gz", "qemu.qcow2", "disk.vhdx", "disk.vhdx.gz"):
             with self.subTest(name=name):
                 out = os.path.join(self.dir, name + ".img")
                 p = self.restore(name, "raw", out)
