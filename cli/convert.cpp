@@ -146,7 +146,9 @@ struct ImageArgs {
                  "qcow2 cluster size, a power of two from 512 to 2M (default 64K)");
     c.add_option("--qcow2-compression", defaults.qcow2_compression,
                  "Compress each qcow2 cluster (like qemu-img convert -c): zlib or zstd. The "
-                 "image stays directly usable by QEMU");
+                 "image stays directly usable by QEMU. To a pipe or SFTP every cluster is "
+                 "compressed twice (its size is needed before the first byte); --compress zstd "
+                 "compresses once");
     c.add_option("--block-size", defaults.block_size,
                  "VHDX block size, a power of two from 1M to 256M (default 32M)");
     c.add_option("--compress", defaults.compress,
