@@ -366,11 +366,6 @@ Run add_convert(CLI::App& app) {
     auto src = args->open(ts[0].spec.writer.format == ImageFormat::Asis, remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
-    if (ts.size() == 1) {
-      o.writer = ts[0].spec.writer;
-      o.compress = ts[0].spec.compress;
-      o.container = ts[0].spec.container;
-    }
     std::vector<std::unique_ptr<Destination>> ds;
     std::vector<Output> outs;
     for (auto& t : ts) {

@@ -200,8 +200,8 @@ int data_sweeps(const Qcow2Header& h, const std::vector<uint64_t>& l1, const Res
   return sweeps;
 }
 
-// Hands the qcow2 reader's units on; at the end reads the stream to its end, so an outer
-// stream cut after the last data cluster (or one whose checksum fails) still fails the pass.
+// Hands the image reader's units on (qcow2 or VHDX); at the end reads the stream to its end, so an
+// outer stream cut after the last data cluster (or one whose checksum fails) still fails the pass.
 class StreamDataPass final : public Pass {
  public:
   StreamDataPass(std::unique_ptr<Pass> inner, std::shared_ptr<RestartableStream> s, int planned)
@@ -232,9 +232,10 @@ class StreamDataPass final : public Pass {
   bool drained_ = false;
 };
 
-class Qcow2StreamSource final : public Source {
+// A qcow2 or VHDX inside a stream: the image reader over the RestartableStream, one data pass each.
+class StreamImageSource final : public Source {
  public:
-  Qcow2StreamSource(std::string name, std::shared_ptr<RestartableStream> s,
+  StreamImageSource(std::string name, std::shared_ptr<RestartableStream> s,
                     std::unique_ptr<Source> inner, int sweeps, bool progress)
       : name_(std::move(name)),
         stream_(std::move(s)),
@@ -382,7 +383,7 @@ std::unique_ptr<Source> open_qcow2_stream_source(const std::string& name, Stream
                             "first (diskferry convert SOURCE --source-format raw -O raw -o "
                             "FILE.qcow2), then convert that file",
                             name, sweeps, compression_name(c)));
-  return std::make_unique<Qcow2StreamSource>(name, std::move(s), std::move(inner), sweeps,
+  return std::make_unique<StreamImageSource>(name, std::move(s), std::move(inner), sweeps,
                                              options.progress);
 }
 
@@ -459,7 +460,7 @@ std::unique_ptr<Source> open_vhdx_stream_source(const std::string& name, StreamO
                             name, sweeps, compression_name(c)));
   s->set_lookback(static_cast<size_t>(std::min<uint64_t>(4 * uint64_t{img.block_size}, 64u << 20)));
   auto inner = open_vhdx_source_at(read, size, name, options);
-  return std::make_unique<Qcow2StreamSource>(name, std::move(s), std::move(inner), sweeps,
+  return std::make_unique<StreamImageSource>(name, std::move(s), std::move(inner), sweeps,
                                              options.progress);
 }
 

@@ -403,7 +403,6 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     }
     SourceOptions sopts;
     if (src.format == ImageFormat::Asis) sopts.format = SourceFormat::File;
-    sopts.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     sopts.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
     auto source = open_source(input, sopts);
 

@@ -122,6 +122,14 @@ class Restore(unittest.TestCase):
                 self.assertLess(st.st_blocks * 512, st.st_size // 2, "not sparse")
                 os.unlink(out)
 
+    def assert_restores_to_qcow2(self, name):
+        out = os.path.join(self.dir, name + ".back.qcow2")
+        p = self.restore(name, "qcow2", out)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
+        self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
+        os.unlink(out)
+
     def test_qcow2_inside_zstd_and_gzip_restores_to_raw_and_qcow2(self):
         for name in ("disk.qcow2.zst", "disk.qcow2.gz", "zstdc.qcow2.zst", "qemu.qcow2.zst"):
             with self.subTest(name=name):
@@ -137,12 +145,7 @@ class Restore(unittest.TestCase):
                 st = os.stat(out)
                 self.assertLess(st.st_blocks * 512, st.st_size // 2, "not sparse")
                 os.unlink(out)
-                out = os.path.join(self.dir, name + ".back.qcow2")
-                p = self.restore(name, "qcow2", out)
-                self.assertEqual(p.returncode, 0, p.stderr)
-                c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
-                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
-                os.unlink(out)
+                self.assert_restores_to_qcow2(name)
 
     def test_vhdx_inside_zstd_restores(self):
         # diskferry's VHDX (BAT and metadata after the payload) and QEMU's (before it).
@@ -158,12 +161,7 @@ class Restore(unittest.TestCase):
                 self.assertIn("VHDX in zstd: pass 1", p.stderr)
                 self.assertEqual(run("cmp", self.src, out).returncode, 0)
                 os.unlink(out)
-                out = os.path.join(self.dir, name + ".back.qcow2")
-                p = self.restore(name, "qcow2", out)
-                self.assertEqual(p.returncode, 0, p.stderr)
-                c = run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", self.src, out)
-                self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
-                os.unlink(out)
+                self.assert_restores_to_qcow2(name)
         # Cut short: one line, nothing under the name.
         with open(os.path.join(self.remote, "disk.vhdx.zst"), "rb") as f:
             data = f.read()
