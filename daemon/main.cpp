@@ -1,7 +1,8 @@
 // diskferryd: works the job queue. Each of `workers` threads claims a job, runs it to its next
 // state (lib/job) and claims the next. SIGTERM/SIGINT: stop claiming, bring running uploads to a
 // resumable point, exit. SIGHUP: reload the configuration (running jobs keep the one they
-// started with). --once: work until no job is queued, running or waiting to retry, then exit.
+// started with). --once: work what is due (see kOnceGrace), then exit; later retries stay queued.
+#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
@@ -29,6 +30,11 @@ namespace {
 using namespace diskferry;
 
 std::atomic<bool> g_stop{false};
+
+// --once runs from a timer or by hand: it must not sit through a retry schedule that can reach
+// half an hour. A retry due this soon is still worked (a dropped connection retried after a few
+// seconds is part of finishing the run); a later one is left queued for the next run.
+constexpr std::chrono::seconds kOnceGrace{10};
 std::atomic<bool> g_reload{false};
 
 extern "C" void on_signal(int sig) {
@@ -76,7 +82,7 @@ class Daemon {
     bool watchdog = sd_watchdog_enabled(0, &usec) > 0;
     auto beat = std::chrono::microseconds(usec / 2);
     auto next_beat = std::chrono::steady_clock::now();
-    while (!g_stop && !(once_ && idle_workers_ == cfg_->workers && queue_empty())) {
+    while (!g_stop && !(once_ && idle_workers_ == cfg_->workers && nothing_due())) {
       if (g_reload.exchange(false)) reload();
       if (watchdog && std::chrono::steady_clock::now() >= next_beat) {
         sd_notify(0, "WATCHDOG=1");
@@ -134,13 +140,26 @@ class Daemon {
     return e;
   }
 
-  bool queue_empty() {
+  // For --once: no job is queued, running, or waiting for a retry due within kOnceGrace. The
+  // retries left waiting are logged, so a run that exits with work outstanding says so.
+  bool nothing_due() {
+    std::vector<Job> later;
     try {
-      return queue_->active_jobs().empty();
+      Time horizon = now_ms() + kOnceGrace;
+      for (Job& j : queue_->active_jobs()) {
+        if (j.state != JobState::RetryWait || !j.next_run_at || *j.next_run_at <= horizon)
+          return false;
+        later.push_back(std::move(j));
+      }
     } catch (const Error& e) {
       spdlog::warn("{}", e.what());
       return false;
     }
+    for (const Job& j : later)
+      spdlog::info("job {} ({}): retry due at {:%Y-%m-%d %H:%M:%S}Z left queued; --once exits",
+                   j.id, j.source,
+                   std::chrono::time_point_cast<std::chrono::seconds>(*j.next_run_at));
+    return true;
   }
 
   void work(int index) {
@@ -218,8 +237,8 @@ int main(int argc, char** argv) {
                  "Configuration file (default: $DISKFERRY_CONFIG, else "
                  "/etc/diskferry/diskferry.yaml)");
   app.add_flag("--once", once,
-               "Work until no job is queued, running or waiting to retry, then exit (for timers, "
-               "tests and the demo)");
+               "Work the jobs that are due (and retries due within 10 s), then exit; a retry "
+               "due later stays queued for the next run (for timers, tests and the demo)");
   app.footer(
       "Jobs are queued with `diskferry enqueue`; watch them with `diskferry list` and `diskferry "
       "show ID`.\nSignals: TERM/INT stop at a resumable point, HUP reloads the configuration.\n"

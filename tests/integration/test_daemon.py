@@ -556,6 +556,31 @@ class Daemon(unittest.TestCase):
         self.assertEqual(p.returncode, 2, p.stdout)
         self.assertEqual(p.stdout.count("STALE"), 3, p.stdout)
 
+    def test_once_leaves_a_later_retry_queued(self):
+        # Nothing listens on the remote's port: the job fails transiently and waits 30 s for its
+        # retry. --once works what is due, says which retry it leaves, and exits; the job stays
+        # in retry_wait for the next run.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead_port = s.getsockname()[1]
+        self.config_sources = {"u": self.source("u", 70, mib=8,
+                                                retries="{max_attempts: 5, backoff: 30s..30m}")}
+        self.write_config(self.config_sources, port=dead_port)
+        self.cli("enqueue", "--all")
+        t0 = time.monotonic()
+        p = self.daemon("--once", wait=False)
+        try:
+            _, err = p.communicate(timeout=25)
+        except subprocess.TimeoutExpired:
+            self.fail("diskferryd --once waited for a retry due in 30 s")
+        self.assertEqual(p.returncode, 0, err)
+        self.assertLess(time.monotonic() - t0, 25)
+        (job,) = self.jobs().values()
+        self.assertEqual((job["state"], job["attempt"]), ("retry_wait", 1), job)
+        self.assertIsNotNone(job["next_run_at"], job)
+        self.assertRegex(err, rf"job {job['id']} \(u\): retry due at "
+                              rf"{re.escape(job['next_run_at'])} left queued; --once exits")
+
     def test_retention_keeps_foreign_files(self):
         self.config_sources = {"w": self.source("w", 8, format="raw",
                                                 retention="{keep_last: 2}")}
