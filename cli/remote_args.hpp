@@ -22,7 +22,8 @@ struct SshArgs {
   void add(CLI::App& c) {
     c.add_option("--identity", identity,
                  "SSH private key for sftp:// (must not be readable by group/others); default: "
-                 "ssh-agent, then ~/.ssh/id_*");
+                 "ssh-agent, then the ssh config's IdentityFile keys and ~/.ssh/id_* (the same "
+                 "rule for each; ~ is the home in the password database, as for ssh, not $HOME)");
     c.add_option("--known-hosts", known_hosts, "known_hosts file (default ~/.ssh/known_hosts)");
     c.add_option("--ssh-config", ssh_config,
                  "ssh config file for Host aliases (default ~/.ssh/config)");

@@ -250,7 +250,7 @@ class Tester {
     };
     session_ = std::make_unique<sftp::SshSession>(url_, so);
     std::string key = opts_.ssh.identity ? "key " + *opts_.ssh.identity
-                                         : "ssh-agent or the default ~/.ssh/id_* keys";
+                                         : "ssh-agent, IdentityFile or ~/.ssh/id_* keys";
     r_.facts()["auth"] =
         Json{{"method", "publickey"},
              {"identity", opts_.ssh.identity ? Json(*opts_.ssh.identity) : Json()}};
@@ -742,7 +742,7 @@ Run add_test_remote(CLI::App& app) {
       "  host key   the server's key is in known_hosts (--known-hosts). Unknown: its SHA256\n"
       "             fingerprint is printed; compare it with your provider's, then run again with\n"
       "             --accept-new-host-key to record it. A changed key always fails\n"
-      "  auth       public key login (--identity, else ssh-agent and ~/.ssh/id_*)\n"
+      "  auth       public key login (--identity, else ssh-agent, IdentityFile, ~/.ssh/id_*)\n"
       "  sftp       the sftp subsystem starts; lists its extensions. diskferry uses\n"
       "             posix-rename (atomic replace), fsync (durability), statvfs (free space) and\n"
       "             limits@openssh.com (write size); a missing one is a warning\n"

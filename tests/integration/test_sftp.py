@@ -5,6 +5,7 @@ chroot, ProFTPD mod_sftp), judged by qemu-img on the server-side file.
 Run: test_sftp.py PATH/TO/diskferry
 """
 import os
+import pwd
 import random
 import shutil
 import subprocess
@@ -219,6 +220,79 @@ class ClientSide(unittest.TestCase):
             p = run(*args, self.server.url("backups/agent.raw"), env=env)
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertEqual(run("cmp", self.src, self.remote("agent.raw")).returncode, 0)
+        finally:
+            agent.terminate()
+            agent.wait()
+
+    def alias_config(self, path, identity):
+        with open(path, "w") as f:
+            f.write(f"Host backupbox\n  HostName 127.0.0.1\n  Port {self.server.port}\n"
+                    f"  User {self.server.user}\n  IdentityFile {identity}\n")
+        return path
+
+    def test_home_is_the_password_databases(self):
+        # ~/.ssh/config, known_hosts and the "~" in IdentityFile all come from the password
+        # database's home, as for ssh, whatever HOME says. The test mounts a throwaway directory
+        # over that home (in a private mount namespace) and points HOME somewhere empty.
+        if not shutil.which("unshare") or run("unshare", "--mount", "true").returncode != 0:
+            self.skipTest("needs unshare --mount")
+        pw_home = pwd.getpwuid(os.getuid()).pw_dir
+        fake = tempfile.mkdtemp(dir=self.dir)
+        os.makedirs(os.path.join(fake, ".ssh"), mode=0o700)
+        shutil.copy(self.server.client_key, os.path.join(fake, ".ssh", "box_key"))
+        os.chmod(os.path.join(fake, ".ssh", "box_key"), 0o600)
+        shutil.copy(self.kh, os.path.join(fake, ".ssh", "known_hosts"))
+        self.alias_config(os.path.join(fake, ".ssh", "config"), "~/.ssh/box_key")
+        elsewhere = tempfile.mkdtemp(dir=self.dir)
+        env = {"PATH": os.environ["PATH"], "HOME": elsewhere}
+        p = run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", fake, pw_home,
+                DF, "convert", self.src, "-O", "raw", "--no-progress", "--retries", "0", "-o",
+                "sftp://backupbox/backups/home.raw", env=env)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(run("cmp", self.src, self.remote("home.raw")).returncode, 0)
+
+    def test_loose_identity_file_from_ssh_config_refused(self):
+        # The rule --identity has: a private key others can read is refused, naming the fix.
+        loose = os.path.join(self.dir, "loose_config_key")
+        shutil.copy(self.server.client_key, loose)
+        os.chmod(loose, 0o644)
+        cfg = self.alias_config(os.path.join(self.dir, "loose_ssh_config"), loose)
+        home = tempfile.mkdtemp(dir=self.dir)
+        p = run(DF, "convert", self.src, "-O", "raw", "--ssh-config", cfg, "--known-hosts",
+                self.kh, "--no-progress", "--retries", "0", "-o",
+                "sftp://backupbox/backups/loose.raw", env={"PATH": os.environ["PATH"],
+                                                          "HOME": home})
+        self.assertNotEqual(p.returncode, 0)
+        self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+        self.assertIn(f"{loose}: private key is accessible by group or others", p.stderr)
+        self.assertIn(f"chmod 600 {loose}", p.stderr)
+        self.assertFalse(os.path.exists(self.remote("loose.raw")))
+
+    def test_refused_login_names_the_keys_tried(self):
+        # An agent holding one key and an IdentityFile, neither authorised on the server: the
+        # refusal says how many keys the agent offered and which files were tried.
+        home = tempfile.mkdtemp(dir=self.dir)
+        agent_key, _ = client_keypair(home, "ed25519", name="agent_stranger")
+        file_key, _ = client_keypair(home, "ed25519", name="file_stranger")
+        cfg = self.alias_config(os.path.join(home, "ssh_config"), file_key)
+        sock = os.path.join(home, "agent.sock")
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                if os.path.exists(sock):
+                    break
+                time.sleep(0.05)
+            env = {"PATH": os.environ["PATH"], "HOME": home, "SSH_AUTH_SOCK": sock}
+            add = run("ssh-add", agent_key, env=env)
+            self.assertEqual(add.returncode, 0, add.stderr)
+            p = run(DF, "convert", self.src, "-O", "raw", "--ssh-config", cfg, "--known-hosts",
+                    self.kh, "--no-progress", "--retries", "0", "-o",
+                    "sftp://backupbox/backups/never.raw", env=env)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
+            self.assertIn(f"authentication refused for ssh-agent (1 key) and {file_key}",
+                          p.stderr)
         finally:
             agent.terminate()
             agent.wait()

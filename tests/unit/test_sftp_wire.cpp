@@ -1,8 +1,13 @@
 #include <doctest/doctest.h>
 
+#include <stdlib.h>
+
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include "transport/sftp/ssh_identities.hpp"
 #include "transport/sftp/wire.hpp"
 
 using namespace diskferry;
@@ -125,4 +130,38 @@ TEST_CASE("attributes: size and permissions both ways") {
   CHECK(r.attrs.size == a.size);
   CHECK(r.attrs.permissions == a.permissions);
   CHECK_FALSE(r.attrs.uid.has_value());
+}
+
+TEST_CASE("IdentityFile entries are those of the Host and Match blocks that apply") {
+  char dir_template[] = "/tmp/df-sshcfg-XXXXXX";
+  REQUIRE(::mkdtemp(dir_template) != nullptr);
+  std::string dir = dir_template;
+  std::string inc = dir + "/inc.conf";
+  std::string cfg = dir + "/config";
+  {
+    std::ofstream(inc) << "Host box*\n  IdentityFile /k/included\n";
+    // An Include under a Host that does not apply is skipped, as in ssh; a Host line in the
+    // included file decides for the lines after the Include too.
+    std::ofstream(cfg) << "IdentityFile /k/global\n"
+                          "Include "
+                       << inc
+                       << "\n"
+                          "Host box1 !box2\n  IdentityFile=/k/%r@%h:%p\n"
+                          "Host other\n  IdentityFile /k/other\n  Include "
+                       << inc
+                       << "\n"
+                          "Match host \"box?\"\n  IdentityFile \"/k/with space\"\n"
+                          "Match exec true\n  IdentityFile /k/exec\n"
+                          "Host *\n  IdentityFile ~/k/home\n";
+  }
+  SshTarget box1{"box1", "10.0.0.1", "u1", 23};
+  CHECK(config_identity_files(cfg, box1) ==
+        std::vector<std::string>{"/k/global", "/k/included", "/k/u1@10.0.0.1:23", "/k/with space",
+                                 ssh_home() + "/k/home"});
+  SshTarget box2{"box2", "box2", "u", 22};
+  CHECK(config_identity_files(cfg, box2) == std::vector<std::string>{"/k/global", "/k/included",
+                                                                     "/k/with space",
+                                                                     ssh_home() + "/k/home"});
+  CHECK(config_identity_files(dir + "/missing", box1).empty());
+  std::filesystem::remove_all(dir);
 }

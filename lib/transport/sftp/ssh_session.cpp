@@ -1,6 +1,9 @@
 #include "transport/sftp/ssh_session.hpp"
 
+#include "transport/sftp/ssh_identities.hpp"
+
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <libssh/libssh.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -8,21 +11,14 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <optional>
+#include <vector>
 
 namespace diskferry::sftp {
 namespace {
-
-std::string home_dir() {
-  if (const char* h = std::getenv("HOME"); h && *h) return h;
-  if (const passwd* pw = getpwuid(getuid())) return pw->pw_dir;
-  return "/";
-}
-
-std::string expand_home(const std::string& p) {
-  return p.rfind("~/", 0) == 0 ? home_dir() + p.substr(1) : p;
-}
 
 bool cpu_has_aes() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -103,7 +99,7 @@ SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
   if (o.on_step) o.on_step(*this, ConnectStep::Connected);
   verify_host_key(o);
   if (o.on_step) o.on_step(*this, ConnectStep::HostKeyVerified);
-  authenticate(o);
+  authenticate(o, config, url.host);
 }
 
 std::string SshSession::cipher() const {
@@ -179,33 +175,72 @@ void SshSession::verify_host_key(const SshOptions& o) {
                                  ssh_get_error(s_.get())));
 }
 
-void SshSession::authenticate(const SshOptions& o) {
-  int rc;
-  if (o.identity) {
-    check_private_key_permissions(*o.identity);
+// Keys are tried here rather than by libssh's publickey_auto, which reads any key file it is
+// given whatever its mode (and writes NAME.pub beside it), and cannot say which keys it tried.
+void SshSession::authenticate(const SshOptions& o, const std::string& config,
+                              const std::string& alias) {
+  auto refused = [&](const std::string& what) {
+    return ConnectError(ConnectFailure::AuthRefused,
+                        fmt::format("{}: authentication refused for {} (is its public key in the "
+                                    "server's authorized keys?)",
+                                    where_, what));
+  };
+  auto failed = [&] {
+    return ConnectError(ConnectFailure::Unreachable, fmt::format("{}: authentication failed: {}",
+                                                                 where_, ssh_get_error(s_.get())));
+  };
+  // Permission first, like ssh: a key others can read is refused before it is used.
+  auto try_key = [&](const std::string& path) {
+    check_private_key_permissions(path);
     ssh_key raw = nullptr;
-    if (ssh_pki_import_privkey_file(o.identity->c_str(), nullptr, nullptr, nullptr, &raw) != SSH_OK)
+    if (ssh_pki_import_privkey_file(path.c_str(), nullptr, nullptr, nullptr, &raw) != SSH_OK)
       throw Error(ErrorKind::Usage,
                   fmt::format("{}: cannot read private key (passphrase-protected keys need "
                               "ssh-agent)",
-                              *o.identity));
+                              path));
     Key key(raw);
-    rc = ssh_userauth_publickey(s_.get(), nullptr, key.get());
-  } else {
-    // ssh-agent, then IdentityFile from the config and the default ~/.ssh/id_* keys.
-    rc = ssh_userauth_publickey_auto(s_.get(), nullptr, nullptr);
+    int rc = ssh_userauth_publickey(s_.get(), nullptr, key.get());
+    if (rc == SSH_AUTH_ERROR) throw failed();
+    return rc == SSH_AUTH_SUCCESS;
+  };
+  if (o.identity) {
+    if (try_key(*o.identity)) return;
+    throw refused("key " + *o.identity);
   }
+
+  std::optional<int> agent_keys = agent_key_count();
+  int rc = ssh_userauth_agent(s_.get(), nullptr);
   if (rc == SSH_AUTH_SUCCESS) return;
-  if (rc == SSH_AUTH_ERROR)
-    throw ConnectError(ConnectFailure::Unreachable, fmt::format("{}: authentication failed: {}",
-                                                                where_, ssh_get_error(s_.get())));
-  throw ConnectError(ConnectFailure::AuthRefused,
-                     fmt::format("{}: authentication refused for {} (is its public key in the "
-                                 "server's authorized keys?)",
-                                 where_,
-                                 o.identity ? "key " + *o.identity
-                                            : "ssh-agent and the "
-                                              "default keys"));
+  if (rc == SSH_AUTH_ERROR) throw failed();
+
+  char* user = nullptr;
+  ssh_options_get(s_.get(), SSH_OPTIONS_USER, &user);
+  char* host = nullptr;
+  ssh_options_get(s_.get(), SSH_OPTIONS_HOST, &host);
+  SshTarget target{alias, host ? host : alias, user ? user : "", 22};
+  ssh_string_free_char(user);
+  ssh_string_free_char(host);
+  ssh_options_get_port(s_.get(), &target.port);
+  std::vector<std::string> files = config_identity_files(config, target);
+  for (std::string& f : default_identity_files()) files.push_back(std::move(f));
+
+  std::vector<std::string> tried;
+  for (const std::string& f : files) {
+    struct stat st {};
+    if (std::find(tried.begin(), tried.end(), f) != tried.end() || ::stat(f.c_str(), &st) != 0)
+      continue;
+    if (try_key(f)) return;
+    tried.push_back(f);
+  }
+  std::string agent = !agent_keys        ? "ssh-agent (none running)"
+                      : *agent_keys == 1 ? "ssh-agent (1 key)"
+                                         : fmt::format("ssh-agent ({} keys)", *agent_keys);
+  if (tried.empty())
+    throw ConnectError(ConnectFailure::AuthRefused,
+                       fmt::format("{}: authentication refused for {}, and there is no key file "
+                                   "(none of {}); give one with --identity or IdentityFile",
+                                   where_, agent, fmt::join(files, ", ")));
+  throw refused(fmt::format("{} and {}", agent, fmt::join(tried, ", ")));
 }
 
 }  // namespace diskferry::sftp

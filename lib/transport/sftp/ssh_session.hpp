@@ -64,7 +64,8 @@ class SshSession {
 
  private:
   void verify_host_key(const SshOptions& o);
-  void authenticate(const SshOptions& o);
+  // config: the ssh config file read (for its IdentityFile entries); alias: the host as given.
+  void authenticate(const SshOptions& o, const std::string& config, const std::string& alias);
 
   struct Free {
     void operator()(ssh_session_struct* s) const;
