@@ -265,11 +265,20 @@ Run add_prune(CLI::App& app) {
 
 Run add_check_config(CLI::App& app) {
   auto* c = app.add_subcommand("check-config", "Validate the configuration file and say so");
+  c->footer(
+      "Besides the file itself it checks each source on this machine: two sources that are one "
+      "file (same path, or a link to it) and snapshot: reflink where no reflink copy can be made "
+      "are errors (exit 2, as for a mistake in the file); a path that does not exist now is a "
+      "warning (it may appear later, e.g. an unmounted volume), exit 0.");
   auto cfg = std::make_shared<ConfigArg>();
   cfg->add(*c);
   return [cfg]() {
     Config conf = cfg->load();
+    DiskCheck disk = check_sources_on_disk(conf);
     for (auto& w : conf.warnings) fmt::print(stderr, "diskferry: warning: {}\n", w);
+    for (auto& w : disk.warnings) fmt::print(stderr, "diskferry: warning: {}\n", w);
+    for (auto& e : disk.errors) fmt::print(stderr, "diskferry: {}\n", e);
+    if (!disk.errors.empty()) return 2;
     fmt::print("{}: ok ({} remote{}, {} source{}, state in {})\n", conf.path, conf.remotes.size(),
                conf.remotes.size() == 1 ? "" : "s", conf.sources.size(),
                conf.sources.size() == 1 ? "" : "s", conf.state_dir);

@@ -11,14 +11,17 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdint>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <initializer_list>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string_view>
 #include <utility>
 
+#include "snapshot/snapshot.hpp"
 #include "util/duration.hpp"
 #include "util/error.hpp"
 #include "util/fd.hpp"
@@ -694,9 +697,13 @@ SourceConf read_source(const Doc& d, const Entry& e, const Config& conf,
   SourceConf s;
   s.name = e.name;
   s.origin = fmt::format("{}:{}", d.file, e.value.line);
-  s.path = path_value(m.required("path", "the disk image to back up"));
+  Value path = m.required("path", "the disk image to back up");
+  s.path = path_value(path);
+  s.path_line = path.line;
+  s.snapshot_line = e.value.line;
 
   if (auto v = m.get("snapshot")) {
+    s.snapshot_line = v->line;
     std::string mode = v->text("reflink or none");
     if (mode == "reflink")
       s.snapshot = SnapshotMode::Reflink;
@@ -953,6 +960,58 @@ Config load_config(const std::string& path) {
         "{}: its directory {} is writable by everyone: anyone can replace the file", path, parent));
   c.warnings.insert(c.warnings.begin(), warnings.begin(), warnings.end());
   return c;
+}
+
+DiskCheck check_sources_on_disk(const Config& c) {
+  DiskCheck out;
+  auto at = [&](int line, const SourceConf& s, std::string_view key, std::string_view what) {
+    return fmt::format("{}:{}: sources.{}.{}: {}", c.path, line, s.name, key, what);
+  };
+  struct Seen {
+    const SourceConf* source;
+    std::string path;
+    std::optional<std::pair<dev_t, ino_t>> file;
+  };
+  std::vector<Seen> seen;
+  for (const auto& [name, s] : c.sources) {
+    Seen me{&s, fs::path(s.path).lexically_normal().string(), std::nullopt};
+    struct stat st {};
+    if (::stat(s.path.c_str(), &st) == 0) {
+      me.file = std::pair(st.st_dev, st.st_ino);
+    } else if (errno == ENOENT || errno == ENOTDIR) {
+      out.warnings.push_back(at(s.path_line, s, "path",
+                                fmt::format("{} does not exist (yet?); its backups fail until "
+                                            "it does",
+                                            s.path)));
+    } else {
+      out.warnings.push_back(at(s.path_line, s, "path",
+                                fmt::format("{}: cannot stat: {}", s.path, std::strerror(errno))));
+    }
+    // The first source it repeats is enough to name.
+    for (const Seen& other : seen) {
+      const SourceConf& o = *other.source;
+      if (other.path == me.path) {
+        out.errors.push_back(at(s.path_line, s, "path",
+                                fmt::format("{} is also the path of sources.{} (line {}): one "
+                                            "disk, backed up twice under two names",
+                                            s.path, o.name, o.path_line)));
+        break;
+      }
+      if (me.file && other.file == me.file) {
+        out.errors.push_back(at(s.path_line, s, "path",
+                                fmt::format("{} is the same file as {}, the path of sources.{} "
+                                            "(line {}): one disk, backed up twice under two names",
+                                            s.path, o.path, o.name, o.path_line)));
+        break;
+      }
+    }
+    seen.push_back(std::move(me));
+    if (s.snapshot == SnapshotMode::Reflink && seen.back().file) {
+      std::string why = reflink_obstacle(s.path, s.snapshot_dir);
+      if (!why.empty()) out.errors.push_back(at(s.snapshot_line, s, "snapshot", why));
+    }
+  }
+  return out;
 }
 
 std::string render_name(const SourceConf& source, system_clock::time_point when) {

@@ -64,7 +64,9 @@ struct SourceConf {
   std::string name;    // [A-Za-z0-9._-]+, not starting with '.'
   std::string origin;  // "FILE:LINE" of its definition
   std::string path;    // absolute
+  int path_line = 0;   // where path: is, for check_sources_on_disk's messages
   SnapshotMode snapshot = SnapshotMode::Reflink;
+  int snapshot_line = 0;     // where snapshot: is, or the source's line when it is left out
   std::string snapshot_dir;  // absolute; empty with SnapshotMode::None
   ImageFormat format = ImageFormat::Qcow2;
   StreamCompression compress;                       // the whole file: .zst, .gz
@@ -118,6 +120,17 @@ Config load_config(const std::string& path);
 // Relative paths in `text` resolve against base_dir; `path` only names the file in messages.
 // Checks nothing on disk.
 Config parse_config(const std::string& text, const std::string& path, const std::string& base_dir);
+
+// What parse_config cannot know, checked now on this machine for `diskferry check-config`, each
+// "FILE:LINE: key.path: what". Errors: two sources that are one file (the same path, or the
+// same device and inode through a link); snapshot: reflink where no reflink copy can be made
+// (not a regular file; a filesystem without reflinks, found by cloning between two unnamed
+// temporary files in the image's directory; a snapshot_dir on another filesystem). Warnings: a
+// path that does not exist now (it may later: an unmounted volume, a VM not created yet).
+struct DiskCheck {
+  std::vector<std::string> errors, warnings;
+};
+DiskCheck check_sources_on_disk(const Config& config);
 
 // The backup's path relative to the remote's URL path, e.g.
 // "web01/web01-20240102T030405Z.qcow2.zst", from the source's name template ({source},

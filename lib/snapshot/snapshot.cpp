@@ -138,29 +138,30 @@ class TempName {
   bool armed_ = true;
 };
 
+bool no_reflink_errno(int err) {
+  return err == EOPNOTSUPP || err == EINVAL || err == ENOTTY || err == ENOSYS;
+}
+
+std::string no_reflink_message(int fd, const std::string& image) {
+  std::string fs = fs_type_of(fd);
+  if (fs == "xfs") fs = "this xfs (made without -m reflink=1)";
+  return fmt::format("{}: cannot snapshot: {} cannot make reflink copies; {}", image, fs, kOptions);
+}
+
+std::string other_fs_message(int image_fd, int dir_fd, const std::string& image,
+                             const std::string& dir) {
+  return fmt::format(
+      "{}: cannot snapshot into {}: it is on another filesystem ({}) than the "
+      "image ({}), and reflink copies stay within one mount; set a snapshot_dir "
+      "on the image's filesystem, or use snapshot: none",
+      image, dir, fs_type_of(dir_fd), fs_type_of(image_fd));
+}
+
 [[noreturn]] void clone_failed(int err, int src, int dst, const std::string& image,
                                const std::string& dir) {
-  switch (err) {
-    case EOPNOTSUPP:
-    case EINVAL:
-    case ENOTTY:
-    case ENOSYS: {
-      std::string fs = fs_type_of(src);
-      if (fs == "xfs") fs = "this xfs (made without -m reflink=1)";
-      throw Error(ErrorKind::Input, fmt::format("{}: cannot snapshot: {} cannot make reflink "
-                                                "copies; {}",
-                                                image, fs, kOptions));
-    }
-    case EXDEV:
-      throw Error(
-          ErrorKind::Input,
-          fmt::format("{}: cannot snapshot into {}: it is on another filesystem ({}) "
-                      "than the image ({}), and reflink copies stay within one mount; set a "
-                      "snapshot_dir on the image's filesystem, or use snapshot: none",
-                      image, dir, fs_type_of(dst), fs_type_of(src)));
-    default:
-      fail(err, image, dir, "cannot clone " + image + " into it");
-  }
+  if (no_reflink_errno(err)) throw Error(ErrorKind::Input, no_reflink_message(src, image));
+  if (err == EXDEV) throw Error(ErrorKind::Input, other_fs_message(src, dst, image, dir));
+  fail(err, image, dir, "cannot clone " + image + " into it");
 }
 
 }  // namespace
@@ -234,6 +235,48 @@ Snapshot take_snapshot(const std::string& image, const std::string& snapshot_dir
   tmp.disarm();
   if (::fsync(dirfd.get()) != 0) fail(errno, image, dir, "fsync failed");
   return {path, false};
+}
+
+std::string reflink_obstacle(const std::string& image, const std::string& snapshot_dir) {
+  UniqueFd src(::open(image.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!src) return "";
+  struct stat st {};
+  if (::fstat(src.get(), &st) != 0) return "";
+  if (!S_ISREG(st.st_mode))
+    return image +
+           ": not a regular file; reflink snapshots need an image file (use snapshot: "
+           "none for block devices)";
+  std::unique_ptr<char, decltype(&std::free)> real(::realpath(image.c_str(), nullptr), &std::free);
+  if (!real) return "";
+  const std::string image_dir = parent_of(real.get());
+
+  // The snapshot directory, or the nearest directory above it that exists (it is created on
+  // the first snapshot, on the filesystem of its parent).
+  const std::string wanted =
+      snapshot_dir.empty() ? image_dir : strip_trailing_slashes(snapshot_dir);
+  std::string dir = wanted;
+  for (;;) {
+    UniqueFd d(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    struct stat ds {};
+    if (d && ::fstat(d.get(), &ds) == 0) {
+      if (ds.st_dev != st.st_dev) return other_fs_message(src.get(), d.get(), image, wanted);
+      break;
+    }
+    if (dir == "/" || dir == "." || (errno != ENOENT && errno != ENOTDIR)) break;
+    dir = parent_of(dir);
+  }
+
+  // Cloning between two unnamed files in the image's directory shows what the filesystem can
+  // do without touching the image (a running VM's disk) or leaving anything behind: O_TMPFILE
+  // files vanish when closed. Without the right to create files there, it cannot be told.
+  UniqueFd a(::open(image_dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  UniqueFd b(::open(image_dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
+  if (!a || !b) return "";
+  while (::ioctl(b.get(), FICLONE, a.get()) != 0) {
+    if (errno == EINTR) continue;
+    return no_reflink_errno(errno) ? no_reflink_message(src.get(), image) : "";
+  }
+  return "";
 }
 
 void remove_snapshot(const std::string& path) {

@@ -34,6 +34,12 @@ std::string snapshot_path(const std::string& image, const std::string& snapshot_
 Snapshot take_snapshot(const std::string& image, const std::string& snapshot_dir,
                        const std::string& tag);
 
+// Why take_snapshot() of IMAGE into SNAPSHOT_DIR could not work, in take_snapshot()'s words, or
+// "" when it could or that cannot be told (IMAGE missing, no right to create files beside it).
+// Touches neither the image nor the snapshot directory: it clones between two unnamed O_TMPFILE
+// files beside the image (gone when closed) and compares devices. For `diskferry check-config`.
+std::string reflink_obstacle(const std::string& image, const std::string& snapshot_dir);
+
 // Deletes a snapshot; one that is already gone is fine (cleanup may be retried after a crash).
 // Refuses, as Error(Internal), a path that does not end in ".snap" or is not a regular file, so a
 // mix-up can never delete an image.

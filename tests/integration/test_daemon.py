@@ -744,6 +744,60 @@ class Daemon(unittest.TestCase):
         for line in key.splitlines()[1:-1]:
             self.assertNotIn(line, body)
 
+    def test_check_config_looks_at_the_sources_on_this_machine(self):
+        # snapshot: reflink on ext4 and into a snapshot_dir on another filesystem, one disk under
+        # two names (a hard link): errors, exit 2. A path that does not exist (yet): a warning
+        # only. An XFS with reflink passes; nothing is left behind by the reflink probe.
+        if xfs_loop.unavailable_reason("ext4"):
+            self.skipTest(xfs_loop.unavailable_reason("ext4"))
+        with xfs_loop.Ext4Loop() as ext4:
+            on_xfs = os.path.join(self.images, "cc-xfs.img")
+            on_ext4 = os.path.join(ext4.mountpoint, "cc-ext4.img")
+            for path in (on_xfs, on_ext4):
+                make_image(path, 1, 60)
+            twin = os.path.join(self.images, "cc-twin.img")
+            os.link(on_xfs, twin)
+            gone = os.path.join(self.images, "cc-not-yet.img")
+            other_fs = os.path.join(ext4.mountpoint, "snaps")
+            self.write_config({"good": {"path": on_xfs, "remote": "box"},
+                               "ext": {"path": on_ext4, "remote": "box"},
+                               "twin": {"path": twin, "remote": "box", "snapshot": "none"},
+                               "later": {"path": gone, "remote": "box"},
+                               "xdev": {"path": on_xfs, "remote": "box",
+                                        "snapshot_dir": other_fs}})
+            before = sorted(os.listdir(self.images)) + sorted(os.listdir(ext4.mountpoint))
+            p = self.cli("check-config")
+            after = sorted(os.listdir(self.images)) + sorted(os.listdir(ext4.mountpoint))
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertEqual(before, after)
+        self.assertEqual(p.stdout, "")
+        lines = p.stderr.splitlines()
+        self.assertEqual(len(lines), 5, p.stderr)
+        with open(self.config) as f:
+            text = f.read().splitlines()
+
+        def line_of(key, source):
+            start = text.index(f"  {source}:")
+            return start + 1 + next(i for i, t in enumerate(text[start:]) if
+                                    t.strip().startswith(key + ":"))
+        cfg = self.config
+        self.assertIn(f"diskferry: warning: {cfg}:{line_of('path', 'later')}: sources.later.path: "
+                      f"{gone} does not exist (yet?)", p.stderr)
+        self.assertIn(f"diskferry: {cfg}:{text.index('  ext:') + 1}: sources.ext.snapshot: "
+                      f"{on_ext4}: cannot snapshot: ext4 cannot make reflink copies", p.stderr)
+        self.assertIn(f"diskferry: {cfg}:{line_of('path', 'twin')}: sources.twin.path: {twin} is "
+                      f"the same file as {on_xfs}, the path of sources.good", p.stderr)
+        self.assertIn(f"sources.xdev.path: {on_xfs} is also the path of sources.good", p.stderr)
+        self.assertIn(f"sources.xdev.snapshot: {on_xfs}: cannot snapshot into {other_fs}: it is "
+                      f"on another filesystem (ext4) than the image (xfs)", p.stderr)
+        # Without the mistakes: ok, exit 0, the missing path still warned about.
+        self.write_config({"good": {"path": on_xfs, "remote": "box"},
+                           "later": {"path": gone, "remote": "box"}})
+        p = self.cli("check-config")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("sources.later.path", p.stderr)
+        self.assertIn(": ok (1 remote, 2 sources", p.stdout)
+
     def test_config_errors_name_file_and_line(self):
         self.config = os.path.join(self.state, "bad.yaml")
         with open(self.config, "w") as f:

@@ -676,3 +676,33 @@ TEST_CASE("config: extra_outputs of one read, each named with its own {ext}") {
                         "    extra_outputs: [{format: vhdx}]\n"))
             .find("has no {ext}") != std::string::npos);
 }
+
+TEST_CASE("config: check_sources_on_disk names one file under two names and a missing path") {
+  fs::path dir = fs::temp_directory_path() / ("df-disk-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::ofstream((dir / "a.img").string()) << "disk";
+  fs::create_hard_link(dir / "a.img", dir / "hard.img");
+  fs::create_symlink(dir / "a.img", dir / "link.img");
+  auto src = [&](const std::string& name, const std::string& path) {
+    return "  " + name + ":\n    path: " + path + "\n    remote: r\n    snapshot: none\n";
+  };
+  std::string text = "remotes:\n  r:\n    url: sftp://u@h/x\nsources:\n" +  // sources on 5, 9, ...
+                     src("a", (dir / "a.img").string()) + src("b", (dir / "hard.img").string()) +
+                     src("c", (dir / "link.img").string()) +
+                     src("d", (dir / "." / "a.img").string()) +
+                     src("e", (dir / "gone.img").string());
+  DiskCheck r = check_sources_on_disk(parse(text));
+  REQUIRE(r.errors.size() == 3);
+  CHECK(r.errors[0] == kFile + ":10: sources.b.path: " + (dir / "hard.img").string() +
+                           " is the same file as " + (dir / "a.img").string() +
+                           ", the path of sources.a (line 6): one disk, backed up twice under "
+                           "two names");
+  CHECK(r.errors[1].starts_with(kFile + ":14: sources.c.path: " + (dir / "link.img").string() +
+                                " is the same file as " + (dir / "a.img").string()));
+  CHECK(r.errors[2].starts_with(kFile + ":18: sources.d.path: " + (dir / "a.img").string() +
+                                " is also the path of sources.a (line 6)"));
+  REQUIRE(r.warnings.size() == 1);
+  CHECK(r.warnings[0] == kFile + ":22: sources.e.path: " + (dir / "gone.img").string() +
+                             " does not exist (yet?); its backups fail until it does");
+  fs::remove_all(dir);
+}
