@@ -671,6 +671,7 @@ void read_output(const MapReader& m, ImageFormat& format, StreamCompression& com
         v->fail(fmt::format("{} compresses clusters inside a qcow2 image, but format is {}", c,
                             format_name(format)));
       cluster_codec = c == "qcow2-zstd" ? ClusterCodec::Zstd : ClusterCodec::Deflate;
+      compress = StreamCompression{};  // the image stays directly usable
     } else {
       std::string codec = c.substr(0, c.find(':'));
       if (codec != "none" && codec != "zstd" && codec != "gzip" && codec != "gz")

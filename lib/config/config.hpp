@@ -53,7 +53,13 @@ struct Notify {
   std::chrono::seconds timeout{60};
 };
 
+// A backup is compressed unless the configuration says otherwise: disk images compress well, and
+// the backup is written once and rarely read.
+inline const StreamCompression kDefaultCompression{StreamCodec::Zstd, 0};  // zstd:3
+
 // One output of a source's read: what extra_outputs lists beside the source's own format.
+// Unlike the source's own output, one is not compressed unless it says so: an extra output is
+// usually there to be used as it is (a VHDX for Hyper-V).
 struct OutputConf {
   ImageFormat format = ImageFormat::Qcow2;
   StreamCompression compress;
@@ -69,9 +75,9 @@ struct SourceConf {
   int snapshot_line = 0;     // where snapshot: is, or the source's line when it is left out
   std::string snapshot_dir;  // absolute; empty with SnapshotMode::None
   ImageFormat format = ImageFormat::Qcow2;
-  StreamCompression compress;                       // the whole file: .zst, .gz
-  ClusterCodec cluster_codec = ClusterCodec::None;  // inside qcow2, per cluster
-  std::string remote;                               // a key of Config::remotes
+  StreamCompression compress = kDefaultCompression;  // the whole file: .zst, .gz
+  ClusterCodec cluster_codec = ClusterCodec::None;   // inside qcow2, per cluster
+  std::string remote;                                // a key of Config::remotes
   std::string name_template = "{source}/{source}-{time:%Y%m%dT%H%M%SZ}.{ext}";
   Retention retention;
   Retries retries;

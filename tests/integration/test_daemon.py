@@ -108,9 +108,11 @@ class Daemon(unittest.TestCase):
         path = os.path.join(self.images, f"{self._testMethodName}-{name}.img")
         if not os.path.exists(path):
             make_image(path, mib, seed)
-        s = {"path": path, "remote": "box", "retries": "{max_attempts: 4, backoff: 1s..2s}"}
+        # Uncompressed unless a test says otherwise (compress=None: the key left out, zstd).
+        s = {"path": path, "remote": "box", "compress": "none",
+             "retries": "{max_attempts: 4, backoff: 1s..2s}"}
         s.update(kw)
-        return s
+        return {k: v for k, v in s.items() if v is not None}
 
     def cli(self, *args, **kw):
         return df(*args, "--config", self.config, **kw)
@@ -166,7 +168,7 @@ class Daemon(unittest.TestCase):
     # -- tests -----------------------------------------------------------------------------------
     def test_formats_end_to_end(self):
         self.config_sources = {
-            "q": self.source("q", 1, compress="zstd:3",
+            "q": self.source("q", 1, compress=None,  # the default: zstd:3
                              hooks='{pre_snapshot: "echo frozen $DISKFERRY_SOURCE", '
                                    'post_snapshot: "echo thawed"}'),
             "v": self.source("v", 2, format="vhdx"),
@@ -385,7 +387,7 @@ class Daemon(unittest.TestCase):
         img = os.path.join(self.images, "vm-q.qcow2")
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img], check=True)
         self.config_sources = {
-            "qc": {"path": img, "remote": "box", "format": "vhdx"},
+            "qc": {"path": img, "remote": "box", "format": "vhdx", "compress": "none"},
             "qa": {"path": img, "remote": "box", "format": "asis", "compress": "zstd:1"},
         }
         self.write_config(self.config_sources)

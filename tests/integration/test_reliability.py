@@ -163,7 +163,8 @@ class Reliability(unittest.TestCase):
         path = os.path.join(self.images, f"{self._testMethodName}-{name}.img")
         if not os.path.exists(path):
             make_dense(path, mib, seed)
-        s = {"path": path, "remote": "box", "retries": "{max_attempts: 4, backoff: 1s..1s}"}
+        s = {"path": path, "remote": "box", "compress": "none",  # unless a test says otherwise
+             "retries": "{max_attempts: 4, backoff: 1s..1s}"}
         s.update(kw)
         return s
 

@@ -4,6 +4,7 @@ chroot, ProFTPD mod_sftp), judged by qemu-img on the server-side file.
 
 Run: test_sftp.py PATH/TO/diskferry
 """
+import contextlib
 import os
 import pwd
 import random
@@ -33,6 +34,22 @@ def make_source(path):
 
 def run(*args, **kw):
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, **kw)
+
+
+@contextlib.contextmanager
+def ssh_agent(directory):
+    """An ssh-agent of its own listening in `directory`; yields its socket path."""
+    sock = os.path.join(directory, "agent.sock")
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        yield sock
+    finally:
+        agent.terminate()
+        agent.wait()
 
 
 class SftpUpload:
@@ -201,28 +218,20 @@ class ClientSide(unittest.TestCase):
 
     def test_ssh_agent_when_no_identity(self):
         home = tempfile.mkdtemp(dir=self.dir)
-        sock = os.path.join(home, "agent.sock")
-        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                if os.path.exists(sock):
-                    break
-                time.sleep(0.05)
+        with ssh_agent(home) as sock:
             env = {"PATH": os.environ["PATH"], "HOME": home, "SSH_AUTH_SOCK": sock}
             args = [DF, "convert", self.src, "-O", "raw", "--known-hosts", self.kh,
                     "--ssh-config", "/dev/null", "--no-progress", "--retries", "0", "-o"]
-            # Empty agent, no keys in HOME: refused, and the message says where it looked.
+            # Empty agent, no key files: refused, and the message says where it looked.
             p = run(*args, self.server.url("backups/agent0.raw"), env=env)
             self.assertNotEqual(p.returncode, 0)
             self.assertIn("authentication refused for ssh-agent", p.stderr)
+            self.assertIn("ssh-agent (0 keys)", p.stderr)
             add = run("ssh-add", self.server.client_key, env=env)
             self.assertEqual(add.returncode, 0, add.stderr)
             p = run(*args, self.server.url("backups/agent.raw"), env=env)
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertEqual(run("cmp", self.src, self.remote("agent.raw")).returncode, 0)
-        finally:
-            agent.terminate()
-            agent.wait()
 
     def alias_config(self, path, identity):
         with open(path, "w") as f:
@@ -276,13 +285,7 @@ class ClientSide(unittest.TestCase):
         agent_key, _ = client_keypair(home, "ed25519", name="agent_stranger")
         file_key, _ = client_keypair(home, "ed25519", name="file_stranger")
         cfg = self.alias_config(os.path.join(home, "ssh_config"), file_key)
-        sock = os.path.join(home, "agent.sock")
-        agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                if os.path.exists(sock):
-                    break
-                time.sleep(0.05)
+        with ssh_agent(home) as sock:
             env = {"PATH": os.environ["PATH"], "HOME": home, "SSH_AUTH_SOCK": sock}
             add = run("ssh-add", agent_key, env=env)
             self.assertEqual(add.returncode, 0, add.stderr)
@@ -293,9 +296,6 @@ class ClientSide(unittest.TestCase):
             self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
             self.assertIn(f"authentication refused for ssh-agent (1 key) and {file_key}",
                           p.stderr)
-        finally:
-            agent.terminate()
-            agent.wait()
 
     def test_bwlimit_holds_the_rate(self):
         # 8 MiB at 2 MiB/s: about 4 s (the first burst of 256 KiB is free); unlimited: well under.

@@ -231,6 +231,15 @@ TEST_CASE("config: defaults of an empty file, and the shipped example is valid")
   CHECK(!e.notify.on_failure.empty());
   CHECK(e.sources.at("db01").notify.on_failure == e.notify.on_failure);
   CHECK(!e.sources.at("db01").notify.on_success.empty());
+  // A source that leaves format and compress out is backed up as .qcow2.zst (zstd level 3).
+  const SourceConf& db01 = e.sources.at("db01");
+  CHECK(db01.compress.codec == StreamCodec::Zstd);
+  CHECK(db01.compress.level == 0);
+  CHECK(render_name(db01, utc(2024, 1, 2, 3, 4, 5)) == "db01/db01-20240102T030405Z.qcow2.zst");
+  CHECK(parse(source("    compress: none\n")).sources.at("web01").compress.codec ==
+        StreamCodec::None);
+  CHECK(parse(source("    compress: qcow2-zlib\n")).sources.at("web01").compress.codec ==
+        StreamCodec::None);
 }
 
 TEST_CASE("config: a reference to an unknown remote names the ones defined") {
@@ -658,7 +667,8 @@ TEST_CASE("config: extra_outputs of one read, each named with its own {ext}") {
             .output(1)
             .cluster_codec == ClusterCodec::Zstd);
 
-  CHECK(error_of(source("    extra_outputs: [{format: qcow2, compress: qcow2-zstd}]\n")) ==
+  CHECK(error_of(source("    extra_outputs: [{format: qcow2, compress: qcow2-zstd}]\n"
+                        "    compress: none\n")) ==
         kFile +
             ":8: sources.web01.extra_outputs: two outputs would both be named .qcow2 (give each "
             "its own format or compression)");
