@@ -244,6 +244,9 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
   const RemoteConf& rem = cfg.remotes.at(src.remote);
   sftp::SinkOptions so = sink_options(cfg, rem);
   so.keep_partial = so.adopt_partial = true;
+  // One per job, the same in every process: a restarted daemon finds its own NAME.lock and may
+  // resume the NAME.partial under it.
+  so.lock_token = fmt::format("job{}-{}", job.id, job.created.time_since_epoch().count());
   so.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
   so.on_resume = [&](uint64_t kept, uint64_t size) {
     q.event(job.id, "resumed",
@@ -344,8 +347,11 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       }
     }
   };
-  auto discard_partials = [&] {
-    for (const auto& out : outs) {
+  // `only`: just the outputs it has a value for.
+  auto discard_partials = [&](const std::vector<std::optional<Published>>* only = nullptr) {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const auto& out = outs[i];
+      if (only && !(*only)[i]) continue;
       try {
         sftp::discard_partial(out.url, so);
       } catch (const Error& de) {
@@ -378,6 +384,8 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       return JobState::Done;
     };
     if (all_published) {
+      // A process killed between publishing and unlocking left its lock.
+      discard_partials(&pub);
       for (auto& p : pub) r.bytes_on_remote += p->size;
       return published_all(pub[0]->sha256);
     }
