@@ -415,7 +415,7 @@ class SftpDestination final : public Destination {
       handles.push_back(ch.open(partial, kOpenWrite | kOpenCreate | kOpenTrunc));
       uint64_t resent = state_.resent + state_.sent_high;  // all of it goes again
       state_ = UploadState{};
-      state_.started = true;
+      state_.started = state_.locked = true;
       state_.resent = resent;
     }
     std::vector<uint32_t> ids;
