@@ -50,6 +50,9 @@ std::string parent_of(const std::string& path) {
 // Why a job failed, for `diskferry list` and monitoring: transient failures are retried, the
 // others need a person.
 std::string error_class(const Error& e) {
+  if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e);
+      c && c->failure() == sftp::ConnectFailure::HostUnknown)
+    return "dns";
   if (e.transient()) return "transient";
   if (dynamic_cast<const VerifyError*>(&e)) return "verify";
   if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e)) {
@@ -500,8 +503,9 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     r.error = e.what();
     r.error_class = cls;
     log(e.what());
+    // A name that does not resolve is retried too: a daemon outlives a DNS outage.
     bool retry = (stopped && stopped->resumable()) ||
-                 (e.transient() && job.attempt < src.retries.max_attempts);
+                 ((e.transient() || cls == "dns") && job.attempt < src.retries.max_attempts);
     if (retry) {
       auto wait = stopped ? std::chrono::milliseconds(0) : retry_backoff(src.retries, job.attempt);
       return q.finish_retry(job.id, owner, e.what(), cls, now_ms() + wait);

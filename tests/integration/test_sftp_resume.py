@@ -10,6 +10,7 @@ Run: test_sftp_resume.py PATH/TO/diskferry
 import hashlib
 import json
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -231,6 +232,21 @@ class CutsOpenSSH(Upload, unittest.TestCase):
         self.assertIn("gave up after 3 attempts", p.stderr)
         self.assertEqual(p.stderr.count("retrying in"), 2, p.stderr)
         self.assertLess(time.monotonic() - t, 30)
+
+
+class HostName(Upload, unittest.TestCase):
+    def test_unresolvable_host_is_refused_at_once(self):
+        cmd = self.cmd("j.qcow2", "-O", "qcow2", "--retries", "5")
+        cmd[-1] = "sftp://nosuch.invalid/backups/j.qcow2"  # no user: the local one
+        t = time.monotonic()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, p.stderr)
+        self.assertIn("cannot resolve host name 'nosuch.invalid'", lines[0])
+        me = pwd.getpwuid(os.getuid()).pw_name
+        self.assertTrue(lines[0].startswith(f"diskferry: {me}@nosuch.invalid:22: "), lines[0])
+        self.assertLess(time.monotonic() - t, 5)
 
 
 class CutsProFTPD(Upload, unittest.TestCase):
