@@ -113,7 +113,8 @@ Run add_verify(CLI::App& app) {
       "inflating to one\ncluster. Nothing is written to disk.\n\nExit status: 0 intact, 4 "
       "checksum mismatch (or no sidecar), 5 structure invalid (truncated,\nbad tables or "
       "clusters), 6 unreachable (connection, login, host key), 7 missing (the server "
-      "answered:\nno such file), 2 usage errors, 1 other errors.\n\nExamples:\n  diskferry verify --identity /etc/diskferry/id_ed25519 "
+      "answered:\nno such file), 2 usage errors, 1 other errors.\n\nExamples:\n  diskferry verify "
+      "--identity /etc/diskferry/id_ed25519 "
       "sftp://u123456@u123456.your-storagebox.de:23/~/backups/web01/"
       "web01-20261201T021500Z.qcow2.zst\n"
       "  diskferry verify --job 42\n  diskferry verify --all-latest      # exit status: the "
@@ -182,7 +183,8 @@ Run add_ls(CLI::App& app) {
   args->add(*c);
   c->footer(
       "One line per file: size, modification time (UTC), and whether its NAME.sha256 sidecar is "
-      "there\n(a .partial is an upload in progress or one that will be resumed; a .lock names the run "
+      "there\n(a .partial is an upload in progress or one that will be resumed; a .lock names the "
+      "run "
       "writing it). `diskferry "
       "verify` checks a\nfile's content. With SOURCE: the files its name template produced in "
       "its remote's directory\n(what retention counts as its backups), with the remote's login "

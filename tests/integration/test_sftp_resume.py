@@ -442,19 +442,73 @@ class FullRemote(Upload, unittest.TestCase):
         self.assertIn(f"the image needs {need / MiB:.1f} MiB more", lines[0])
         self.assertEqual(self.listing(), [])
 
+    def test_raw_and_asis_of_known_size_are_refused_before_uploading(self):
+        for args in (("-O", "raw"), ("-O", "asis")):
+            with self.subTest(args=args):
+                port = self.through_proxy()
+                p = self.run_df("r.img", *args, port=port)
+                sent = sum(c.bytes_up for c in self.proxy.connections)
+                self.proxy.close()
+                self.proxy = None
+                self.assertEqual(p.returncode, 1, p.stderr)
+                lines = p.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, p.stderr)
+                self.assertIn("not enough space on the server: the image needs 48.0 MiB more",
+                              lines[0])
+                self.assertLess(sent, MiB)
+                self.assertEqual([n for n in self.listing() if n != "lost+found"], [])
+
+    FULL_SAYS_FREE = True  # statvfs@openssh.com answers
+
     def test_unknown_size_fails_when_full_and_leaves_nothing(self):
-        # Outer compression hides the size, so the server's "failure" is what tells.
+        # Outer compression hides the size, so the server's "failure" is what tells. The
+        # uncompressed size is a bound: above the free space, a warning before sending.
         p = self.run_df("b.raw.gz", "-O", "raw", "--compress", "gzip:1")
         self.assertEqual(p.returncode, 1, p.stderr)
-        lines = p.stderr.strip().splitlines()
+        warnings = [l for l in p.stderr.splitlines() if l.startswith("diskferry: warning: ")]
+        lines = [l for l in p.stderr.strip().splitlines() if l not in warnings]
         self.assertEqual(len(lines), 1, p.stderr)
         self.assertIn("b.raw.gz.partial", lines[0])
         self.assertIn("failure", lines[0])
+        self.assertRegex(lines[0], r"the remote is probably full \([\d.]+ [KM]?i?B free there\)$"
+                         if self.FULL_SAYS_FREE else r"the remote is probably full$")
+        if self.FULL_SAYS_FREE:
+            self.assertEqual(len(warnings), 1, p.stderr)
+            self.assertIn("the server may not hold it", warnings[0])
+            self.assertIn("the image is 48.0 MiB before compression", warnings[0])
         self.assertEqual([n for n in self.listing() if n != "lost+found"], [])
 
 
 class FullRemoteProFTPD(FullRemote):
     SERVER = ProFTPDServer
+
+
+class FullRemoteRclone(Upload, unittest.TestCase):
+    # No statvfs answer: neither a preflight nor the free space, but the same words.
+    SERVER = RcloneServer
+    SERVER_ARGS = {"chroot_quota_mb": 24}
+    FULL_SAYS_FREE = False
+    test_unknown_size_fails_when_full_and_leaves_nothing = \
+        FullRemote.test_unknown_size_fails_when_full_and_leaves_nothing
+
+
+class DestinationIsADirectory(Upload, unittest.TestCase):
+    def test_refused_before_sending(self):
+        d = os.path.join(self.server.backups, "d.qcow2")
+        os.mkdir(d)
+        os.chown(d, self.server.uid, self.server.gid)
+        try:
+            port = self.through_proxy()
+            p = self.run_df("d.qcow2", "-O", "qcow2", port=port)
+            self.assertEqual(p.returncode, 2, p.stderr)
+            lines = p.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, p.stderr)
+            self.assertIn("/backups/d.qcow2: is a directory on the server; name a file", lines[0])
+            self.assertLess(sum(c.bytes_up for c in self.proxy.connections), MiB)
+            self.assertEqual(self.listing(), ["d.qcow2"])
+            self.assertEqual(os.listdir(d), [])
+        finally:
+            shutil.rmtree(d)
 
 
 class ReadOnlyDirectory(Upload, unittest.TestCase):

@@ -169,61 +169,36 @@ class SftpSink final : public Sink {
   }
 
   void write(Bytes data) override {
-    uint64_t off = pos_;
-    pos_ += data.size();
-    if (off < resume_at_) {
-      size_t skip = static_cast<size_t>(std::min<uint64_t>(data.size(), resume_at_ - off));
-      check_tail(off, data.first(skip));
-      data = data.subspan(skip);
-      off += skip;
-    }
-    if (!data.empty()) writer_->write(off, data, true);
+    explained([&] { send(data); });
   }
-  // Zeros are not sent: writing past them leaves a hole on the server, and commit() sets the
-  // final size, so trailing zeros cost nothing either.
   void write_zeros(uint64_t n) override {
-    uint64_t off = pos_;
-    if (off < resume_at_) {
-      uint64_t below = std::min<uint64_t>(n, resume_at_ - off);
-      check_tail(off, {}, below);
-      off += below;
-      n -= below;
-    }
-    pos_ = off + n;
-    if (!conn_.in_order) return;
-    static const std::vector<std::byte> zeros(256 * 1024);
-    while (n) {
-      size_t k = static_cast<size_t>(std::min<uint64_t>(n, zeros.size()));
-      writer_->write(off, Bytes(zeros.data(), k), true);
-      off += k;
-      n -= k;
-    }
+    explained([&] { send_zeros(n); });
   }
   bool supports_rewrite() const override { return !conn_.in_order; }
-  void rewrite(uint64_t offset, Bytes data) override { writer_->write(offset, data, false); }
+  void rewrite(uint64_t offset, Bytes data) override {
+    explained([&] { writer_->write(offset, data, false); });
+  }
 
   void expect_size(uint64_t bytes) override {
-    Channel& ch = *conn_.channels[0];
-    std::optional<StatVfs> fs;
-    try {
-      fs = ch.statvfs(parent_of(final_).empty() ? "." : parent_of(final_));
-    } catch (const StatusError&) {
-      return;  // offered but failing (rclone): no preflight then, the upload itself will tell
-    }
-    if (!fs || fs->block_size == 0) return;
-    uint64_t need = bytes > resume_at_ ? bytes - resume_at_ : 0;
-    if (fs->bytes_avail() < need)
-      throw Error(
-          ErrorKind::Output,
-          fmt::format("{}: {}: not enough space on the server: the image needs {} more, "
-                      "{} is free there",
-                      ch.where(), final_, format_size(need), format_size(fs->bytes_avail())));
+    if (auto free = free_space(); free && *free < remaining(bytes))
+      throw Error(ErrorKind::Output,
+                  fmt::format("{}: {}: not enough space on the server: the image needs {} more, "
+                              "{} is free there",
+                              conn_.channels[0]->where(), final_, format_size(remaining(bytes)),
+                              format_size(*free)));
+  }
+  void expect_at_most(uint64_t bytes) override {
+    if (auto free = free_space(); free && *free < remaining(bytes) && opts_.on_warning)
+      opts_.on_warning(fmt::format(
+          "{}: {}: the server may not hold it: {} is free there, the image is {} before "
+          "compression",
+          conn_.channels[0]->where(), final_, format_size(*free), format_size(bytes)));
   }
   void set_sha256(const std::string& hex) override { sha256_ = hex; }
 
   void commit() override {
     Channel& ch = *conn_.channels[0];
-    writer_->flush();
+    explained([&] { writer_->flush(); });
     ch.truncate(handles_[0], pos_);
     ch.fsync(handles_[0]);
     close_handles();
@@ -286,6 +261,79 @@ class SftpSink final : public Sink {
  private:
   void unlock(Channel& ch) {
     if (state_.locked && release_lock(ch, final_, opts_.lock_token)) state_.locked = false;
+  }
+
+  // Bytes still to send for an output of `bytes` (a resumed attempt has some already).
+  uint64_t remaining(uint64_t bytes) const { return bytes > resume_at_ ? bytes - resume_at_ : 0; }
+
+  // Free space in NAME's directory; nullopt when the server does not say (statvfs@openssh.com
+  // absent, or offered but failing as on rclone).
+  std::optional<uint64_t> free_space(Channel& ch) const {
+    try {
+      auto fs = ch.statvfs(parent_of(final_).empty() ? "." : parent_of(final_));
+      if (fs && fs->block_size) return fs->bytes_avail();
+    } catch (const StatusError&) {
+    }
+    return std::nullopt;
+  }
+  std::optional<uint64_t> free_space() const { return free_space(*conn_.channels[0]); }
+
+  // A WRITE refused with the generic "failure" is, nearly always, a full disk (OpenSSH reports
+  // ENOSPC so; rclone says "io: read/write on closed pipe"): say so, with the free space when
+  // the server tells it. Asked on a fresh channel: the writing ones have replies in flight.
+  template <class F>
+  void explained(F&& f) {
+    try {
+      f();
+    } catch (const StatusError& e) {
+      if (e.code() != kFailure) throw;
+      std::optional<uint64_t> free;
+      try {
+        Channel fresh(*conn_.session, opts_.stall_timeout);
+        free = free_space(fresh);
+      } catch (const Error&) {
+      }
+      constexpr uint64_t kNearlyFull = 64u << 20;
+      std::string why =
+          !free ? "the remote is probably full"
+          : *free < kNearlyFull
+              ? fmt::format("the remote is probably full ({} free there)", format_size(*free))
+              : fmt::format("{} is free there, so perhaps a quota is exhausted",
+                            format_size(*free));
+      throw StatusError(e.code(), fmt::format("{}; {}", e.what(), why));
+    }
+  }
+
+  void send(Bytes data) {
+    uint64_t off = pos_;
+    pos_ += data.size();
+    if (off < resume_at_) {
+      size_t skip = static_cast<size_t>(std::min<uint64_t>(data.size(), resume_at_ - off));
+      check_tail(off, data.first(skip));
+      data = data.subspan(skip);
+      off += skip;
+    }
+    if (!data.empty()) writer_->write(off, data, true);
+  }
+  // Zeros are not sent: writing past them leaves a hole on the server, and commit() sets the
+  // final size, so trailing zeros cost nothing either.
+  void send_zeros(uint64_t n) {
+    uint64_t off = pos_;
+    if (off < resume_at_) {
+      uint64_t below = std::min<uint64_t>(n, resume_at_ - off);
+      check_tail(off, {}, below);
+      off += below;
+      n -= below;
+    }
+    pos_ = off + n;
+    if (!conn_.in_order) return;
+    static const std::vector<std::byte> zeros(256 * 1024);
+    while (n) {
+      size_t k = static_cast<size_t>(std::min<uint64_t>(n, zeros.size()));
+      writer_->write(off, Bytes(zeros.data(), k), true);
+      off += k;
+      n -= k;
+    }
   }
 
   // Closes every handle on a channel still usable, the closes of all channels in one round trip.
@@ -363,9 +411,8 @@ class SftpDestination final : public Destination {
     Channel& ch = *c.channels[0];
     std::string partial = final_ + ".partial";
     if (auto a = ch.stat(final_); a && a->permissions && (*a->permissions & 0170000) == 0040000)
-      throw Error(ErrorKind::Usage,
-                  fmt::format("{}: {}: is a directory on the server; name a file", ch.where(),
-                              final_));
+      throw Error(ErrorKind::Usage, fmt::format("{}: {}: is a directory on the server; name a file",
+                                                ch.where(), final_));
     ch.mkdirs(parent_of(final_));
     bool ours = state_.started;  // NAME.partial is this job's, written under its lock
     if (!state_.locked) {

@@ -66,10 +66,10 @@ Holder self(const std::string& token) {
 }
 
 std::string render(const Holder& h) {
-  return fmt::format("diskferry upload lock\nhost {}\nmachine {}\npid {}\nstart {}\nsince {}\n"
-                     "token {}\n",
-                     h.host, h.machine.empty() ? "-" : h.machine, h.pid, h.start, h.since,
-                     h.token);
+  return fmt::format(
+      "diskferry upload lock\nhost {}\nmachine {}\npid {}\nstart {}\nsince {}\n"
+      "token {}\n",
+      h.host, h.machine.empty() ? "-" : h.machine, h.pid, h.start, h.since, h.token);
 }
 
 std::optional<Holder> parse(const std::string& text) {
@@ -121,7 +121,9 @@ std::string age(long long since) {
   return fmt::format("{} days", s / 86400);
 }
 
-Bytes as_bytes(const std::string& s) { return Bytes(reinterpret_cast<const std::byte*>(s.data()), s.size()); }
+Bytes as_bytes(const std::string& s) {
+  return Bytes(reinterpret_cast<const std::byte*>(s.data()), s.size());
+}
 
 // The lock's text; nullopt when there is no lock.
 std::optional<std::string> read_lock(Channel& ch, const std::string& lock) {
@@ -168,7 +170,9 @@ std::string random_lock_token() {
   return fmt::format("{:08x}{:08x}{:08x}{:08x}", rd(), rd(), rd(), rd());
 }
 
-std::string lock_path(const std::string& final_path) { return final_path + ".lock"; }
+std::string lock_path(const std::string& final_path) {
+  return final_path + ".lock";
+}
 
 LockTaken take_lock(Channel& ch, const std::string& final_path, const std::string& token,
                     bool exclusive_create) {
@@ -189,9 +193,9 @@ LockTaken take_lock(Channel& ch, const std::string& final_path, const std::strin
         refuse(ch, final_path, lock, back ? parse(*back) : std::nullopt, me);
       } catch (const StatusError& e) {
         if (ch.stat(lock)) continue;  // another run created it first: judge that one
-        throw StatusError(e.code(), fmt::format("{}: cannot create {} before writing {}.partial: {}",
-                                                ch.where(), lock, final_path,
-                                                status_name(e.code())));
+        throw StatusError(
+            e.code(), fmt::format("{}: cannot create {} before writing {}.partial: {}", ch.where(),
+                                  lock, final_path, status_name(e.code())));
       }
     }
     auto text = read_lock(ch, lock);
