@@ -17,6 +17,7 @@
 #include "snapshot/hook.hpp"
 #include "snapshot/snapshot.hpp"
 #include "transport/sftp/channel.hpp"
+#include "transport/sftp/upload_lock.hpp"
 #include "transport/sink.hpp"
 #include "util/size.hpp"
 #include "verify/verify.hpp"
@@ -55,6 +56,7 @@ std::string error_class(const Error& e) {
     return "dns";
   if (e.transient()) return "transient";
   if (dynamic_cast<const VerifyError*>(&e)) return "verify";
+  if (dynamic_cast<const sftp::LockedError*>(&e)) return "locked";
   if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e)) {
     switch (c->failure()) {
       case sftp::ConnectFailure::HostKeyChanged:
