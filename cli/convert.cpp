@@ -348,7 +348,9 @@ Run add_convert(CLI::App& app) {
       "To SFTP: written as NAME.partial, flushed (fsync@openssh.com), renamed into place, then\n"
       "NAME.sha256 (sha256sum -c format) beside it. Host keys are checked strictly. A dropped or\n"
       "stalled connection is resumed where every write was acknowledged (--retries); the bytes\n"
-      "below that point are not sent again. Test a remote first: diskferry test-remote URL.\n\n"
+      "below that point are not sent again. NAME.lock makes the run the only writer of NAME:\n"
+      "another run to the same NAME refuses, naming the holder (a lock left by a process that\n"
+      "is gone from this host is taken over). Test a remote first: diskferry test-remote URL.\n\n"
       "Exit status: 0 success, 1 failure (the message names the file and the cause), 2 bad usage.");
   args->add(*c, true);
   c->add_option("-o,--output", *dests,

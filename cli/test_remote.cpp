@@ -650,6 +650,8 @@ class Tester {
             return "no SSH server answered: check the host name and port (sftp://USER@HOST:PORT/; "
                    "a Hetzner Storage Box uses port 23), DNS and firewalls";
           return "the server closed the connection during " + step;
+        case sftp::ConnectFailure::HostUnknown:
+          return "check the host name (or the HostName of its alias in ~/.ssh/config) and DNS";
         case sftp::ConnectFailure::HostKeyUnknown:
           return "compare the fingerprint with the one your provider publishes (or `ssh-keygen "
                  "-lf` on the server's key), then run again with --accept-new-host-key";

@@ -57,6 +57,7 @@ int print_report(const std::string& what, const VerifyReport& r, bool json) {
            {"status", r.status == VerifyStatus::Ok                 ? "ok"
                       : r.status == VerifyStatus::ChecksumMismatch ? "checksum"
                       : r.status == VerifyStatus::StructureInvalid ? "structure"
+                      : r.status == VerifyStatus::Missing          ? "missing"
                                                                    : "unreachable"},
            {"exit_code", static_cast<int>(r.status)},
            {"problem", r.problem},
@@ -77,6 +78,7 @@ int print_report(const std::string& what, const VerifyReport& r, bool json) {
   } else {
     const char* kind = r.status == VerifyStatus::ChecksumMismatch   ? "CHECKSUM MISMATCH"
                        : r.status == VerifyStatus::StructureInvalid ? "STRUCTURE INVALID"
+                       : r.status == VerifyStatus::Missing          ? "MISSING"
                                                                     : "UNREACHABLE";
     fmt::print(stderr, "diskferry: verify: {}: {}\n", kind, r.problem);
   }
@@ -110,8 +112,9 @@ Run add_verify(CLI::App& app) {
       "L1/L2\nentry in range, refcounts equal to the references, every compressed cluster "
       "inflating to one\ncluster. Nothing is written to disk.\n\nExit status: 0 intact, 4 "
       "checksum mismatch (or no sidecar), 5 structure invalid (truncated,\nbad tables or "
-      "clusters), 6 unreachable (connection, login, no such file), 2 usage errors,\n1 other "
-      "errors.\n\nExamples:\n  diskferry verify --identity /etc/diskferry/id_ed25519 "
+      "clusters), 6 unreachable (connection, login, host key), 7 missing (the server "
+      "answered:\nno such file), 2 usage errors, 1 other errors.\n\nExamples:\n  diskferry verify "
+      "--identity /etc/diskferry/id_ed25519 "
       "sftp://u123456@u123456.your-storagebox.de:23/~/backups/web01/"
       "web01-20261201T021500Z.qcow2.zst\n"
       "  diskferry verify --job 42\n  diskferry verify --all-latest      # exit status: the "
@@ -180,7 +183,9 @@ Run add_ls(CLI::App& app) {
   args->add(*c);
   c->footer(
       "One line per file: size, modification time (UTC), and whether its NAME.sha256 sidecar is "
-      "there\n(a .partial is an upload in progress or one that will be resumed). `diskferry "
+      "there\n(a .partial is an upload in progress or one that will be resumed; a .lock names the "
+      "run "
+      "writing it). `diskferry "
       "verify` checks a\nfile's content. With SOURCE: the files its name template produced in "
       "its remote's directory\n(what retention counts as its backups), with the remote's login "
       "from the configuration.");
@@ -217,10 +222,11 @@ Run add_ls(CLI::App& app) {
     if (!entries)
       throw Error(ErrorKind::Input, fmt::format("{}: {}: no such directory", session.where(), dir));
     if (src) {
-      // Only what the source's template produced (and its sidecars and partial uploads).
+      // Only what the source's template produced (and its sidecars, partial uploads and their
+      // locks).
       std::erase_if(*entries, [&](const auto& e) {
         std::string n = e.first;
-        for (const char* suffix : {".sha256", ".partial"})
+        for (const char* suffix : {".sha256", ".partial", ".lock"})
           if (n.ends_with(suffix)) n.resize(n.size() - std::strlen(suffix));
         return !match_name(*src, rel_dir.empty() ? n : rel_dir + "/" + n);
       });
@@ -236,6 +242,7 @@ Run add_ls(CLI::App& app) {
         continue;  // shown with its file
       std::string check = is_dir                       ? "dir"
                           : n.ends_with(".partial")    ? "partial"
+                          : n.ends_with(".lock")       ? "lock"
                           : names.count(n + ".sha256") ? "sha256"
                                                        : "no sha256";
       std::string when = a.mtime

@@ -17,6 +17,7 @@
 #include "snapshot/hook.hpp"
 #include "snapshot/snapshot.hpp"
 #include "transport/sftp/channel.hpp"
+#include "transport/sftp/upload_lock.hpp"
 #include "transport/sink.hpp"
 #include "util/size.hpp"
 #include "verify/verify.hpp"
@@ -50,8 +51,12 @@ std::string parent_of(const std::string& path) {
 // Why a job failed, for `diskferry list` and monitoring: transient failures are retried, the
 // others need a person.
 std::string error_class(const Error& e) {
+  if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e);
+      c && c->failure() == sftp::ConnectFailure::HostUnknown)
+    return "dns";
   if (e.transient()) return "transient";
   if (dynamic_cast<const VerifyError*>(&e)) return "verify";
+  if (dynamic_cast<const sftp::LockedError*>(&e)) return "locked";
   if (auto* c = dynamic_cast<const sftp::ConnectError*>(&e)) {
     switch (c->failure()) {
       case sftp::ConnectFailure::HostKeyChanged:
@@ -244,6 +249,9 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
   const RemoteConf& rem = cfg.remotes.at(src.remote);
   sftp::SinkOptions so = sink_options(cfg, rem);
   so.keep_partial = so.adopt_partial = true;
+  // One per job, the same in every process: a restarted daemon finds its own NAME.lock and may
+  // resume the NAME.partial under it.
+  so.lock_token = fmt::format("job{}-{}", job.id, job.created.time_since_epoch().count());
   so.on_warning = [&](const std::string& w) { q.event(job.id, "warning", w); };
   so.on_resume = [&](uint64_t kept, uint64_t size) {
     q.event(job.id, "resumed",
@@ -344,8 +352,11 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       }
     }
   };
-  auto discard_partials = [&] {
-    for (const auto& out : outs) {
+  // `only`: just the outputs it has a value for.
+  auto discard_partials = [&](const std::vector<std::optional<Published>>* only = nullptr) {
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const auto& out = outs[i];
+      if (only && !(*only)[i]) continue;
       try {
         sftp::discard_partial(out.url, so);
       } catch (const Error& de) {
@@ -378,6 +389,8 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
       return JobState::Done;
     };
     if (all_published) {
+      // A process killed between publishing and unlocking left its lock.
+      discard_partials(&pub);
       for (auto& p : pub) r.bytes_on_remote += p->size;
       return published_all(pub[0]->sha256);
     }
@@ -492,8 +505,9 @@ JobState attempt(const JobEnv& env, const Job& job, const std::string& owner, Jo
     r.error = e.what();
     r.error_class = cls;
     log(e.what());
+    // A name that does not resolve is retried too: a daemon outlives a DNS outage.
     bool retry = (stopped && stopped->resumable()) ||
-                 (e.transient() && job.attempt < src.retries.max_attempts);
+                 ((e.transient() || cls == "dns") && job.attempt < src.retries.max_attempts);
     if (retry) {
       auto wait = stopped ? std::chrono::milliseconds(0) : retry_backoff(src.retries, job.attempt);
       return q.finish_retry(job.id, owner, e.what(), cls, now_ms() + wait);

@@ -93,6 +93,15 @@ struct Run {
   }
 };
 
+// Lets the destination refuse an output it cannot hold before anything is sent; with outer
+// compression the image's size is only a bound, worth a warning at most.
+void announce_size(Run& run) {
+  if (run.out->spec.compress.codec == StreamCodec::None)
+    run.top->expect_size(run.writer->planned_size());
+  else
+    run.top->expect_at_most(run.writer->planned_size());
+}
+
 std::string cannot_stream_message(const Source& source, const Destination& dest,
                                   const OutputSpec& spec) {
   std::string fmt_name = format_name(spec.writer.format);
@@ -169,7 +178,14 @@ std::vector<std::unique_ptr<Run>> attempt(Source& source, const std::vector<Outp
     auto queued = make_queued_sink(std::move(raw));
     run.queued = queued.get();
     run.chain = make_compressing_sink(spec.compress, std::move(queued), o.threads);
-    if (run.single) run.make_top(0);
+    if (run.single) {
+      run.make_top(0);
+      // A raw image (or -O asis) of a source of known size has a known size too.
+      if (!run.writer->needs_header_fixup() && source.known_size() && !spec.container.tar) {
+        run.writer->end_plan(*source.known_size());
+        announce_size(run);
+      }
+    }
   });
 
   uint32_t unit = 0;
@@ -197,8 +213,7 @@ std::vector<std::unique_ptr<Run>> attempt(Source& source, const std::vector<Outp
     each_active(runs, [&](Run& run) {
       if (run.single) return;
       run.make_top(run.writer->planned_size());
-      if (run.out->spec.compress.codec == StreamCodec::None)
-        run.top->expect_size(run.writer->planned_size());
+      announce_size(run);
     });
     if (!any_active(runs)) return runs;
 

@@ -48,6 +48,10 @@ class QueuedSink final : public Sink {
     drain();  // the sending thread is idle then, and the call happens on this one
     inner_->expect_size(n);
   }
+  void expect_at_most(uint64_t n) override {
+    drain();
+    inner_->expect_at_most(n);
+  }
   void commit() override {
     drain();
     stop();

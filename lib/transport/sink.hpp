@@ -23,6 +23,9 @@ class Sink {
   // The exact number of bytes that will be written, when known before writing (planned layout,
   // no outer compression). Lets a destination refuse early when it cannot hold them.
   virtual void expect_size(uint64_t) {}
+  // At most that many bytes will be written (outer compression of an output of known size).
+  // Lets a destination warn when it may not hold them.
+  virtual void expect_at_most(uint64_t) {}
   // The SHA-256 (hex) of everything written, given just before commit() to destinations that
   // publish a checksum next to the file.
   virtual void set_sha256(const std::string&) {}
@@ -43,6 +46,7 @@ class FilterSink : public Sink {
   bool supports_rewrite() const override { return inner_->supports_rewrite(); }
   void rewrite(uint64_t offset, Bytes data) override { inner_->rewrite(offset, data); }
   void expect_size(uint64_t n) override { inner_->expect_size(n); }
+  void expect_at_most(uint64_t n) override { inner_->expect_at_most(n); }
   void set_sha256(const std::string& hex) override { inner_->set_sha256(hex); }
   void commit() override { inner_->commit(); }
   void abort() noexcept override { inner_->abort(); }

@@ -111,6 +111,11 @@ VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& option
   try {
     file = std::make_unique<sftp::RemoteFile>(url, options);
     sidecar = sftp::read_small_file(side, options.ssh, options.stall_timeout);
+  } catch (const sftp::StatusError& e) {
+    // The server was reached and said so: the backup itself is gone, which no retry mends.
+    r.status = e.code() == sftp::kNoSuchFile ? VerifyStatus::Missing : VerifyStatus::Unreachable;
+    r.problem = e.what();
+    return r;
   } catch (const Error& e) {
     r.status = VerifyStatus::Unreachable;
     r.problem = e.what();

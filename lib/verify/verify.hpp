@@ -19,6 +19,7 @@ enum class VerifyStatus {
   ChecksumMismatch = 4,  // or no sidecar to compare with
   StructureInvalid = 5,  // truncated stream, bad tables, refcounts, clusters
   Unreachable = 6,       // cannot connect, log in, or open the file
+  Missing = 7,           // the server answered: there is no such file
 };
 
 struct VerifyReport {

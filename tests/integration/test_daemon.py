@@ -583,6 +583,27 @@ class Daemon(unittest.TestCase):
         self.assertRegex(err, rf"job {job['id']} \(u\): retry due at "
                               rf"{re.escape(job['next_run_at'])} left queued; --once exits")
 
+    def test_unresolvable_host_is_retried_as_dns(self):
+        # The CLI refuses such a name at once; a daemon retries it (DNS may come back), with its
+        # own class so that monitoring does not take it for a flaky network.
+        self.write_config({})
+        src = self.source("dns", 50, mib=4, retries="{max_attempts: 2, backoff: 1s..1s}")
+        self.config_sources = {"dns": src}
+        text = (f"state_dir: {self.state}\nremotes:\n  nowhere:\n"
+                f"    url: sftp://{self.server.user}@nosuch.invalid/backups\n"
+                f"    identity: {self.server.client_key}\n"
+                f"sources:\n  dns:\n" +
+                "".join(f"    {k}: {v}\n" for k, v in dict(src, remote="nowhere").items()))
+        with open(self.config, "w") as f:
+            f.write(text)
+        self.cli("enqueue", "--all")
+        self.daemon("--once")
+        (j,) = self.jobs().values()
+        self.assertEqual((j["state"], j["attempt"], j["error_class"]), ("failed", 2, "dns"), j)
+        self.assertIn("cannot resolve host name 'nosuch.invalid'", j["error"])
+        self.assertNotIn("?@", j["error"])
+        self.assert_no_snapshots()
+
     def test_retention_keeps_foreign_files(self):
         self.config_sources = {"w": self.source("w", 8, format="raw",
                                                 retention="{keep_last: 2}")}

@@ -4,7 +4,8 @@
 Backups are made with `diskferry convert -o sftp://` (every format and compression), then
 damaged on the server side the way disks and networks damage files: a flipped byte in the data,
 a truncated file, a corrupted L2 entry, a cut-off zstd stream, a missing sidecar. Each must give
-its documented exit code (0 intact, 4 checksum, 5 structure, 6 unreachable) and a one-line reason.
+its documented exit code (0 intact, 4 checksum, 5 structure, 6 unreachable, 7 missing) and a
+one-line reason.
 
 Run: test_verify.py PATH/TO/diskferry
 """
@@ -199,7 +200,11 @@ class Verify(unittest.TestCase):
         shutil.copyfile(os.path.join(self.remote, "disk.vhdx"),
                         os.path.join(self.remote, "nosidecar.vhdx"))
         self.assert_fails(self.verify("nosidecar.vhdx"), 4, "no nosidecar.vhdx.sha256")
-        self.assert_fails(self.verify("does-not-exist.qcow2"), 6, "UNREACHABLE", "no such file")
+        # The server answered: the backup is missing, which is not the same as unreachable.
+        self.assert_fails(self.verify("does-not-exist.qcow2"), 7, "MISSING", "no such file")
+        p = run(DF, "verify", *self.opts, "--json", self.url("does-not-exist.qcow2"))
+        self.assertEqual(p.returncode, 7, p.stderr)
+        self.assertEqual(json.loads(p.stdout)["status"], "missing")
         p = run(DF, "verify", *self.opts,
                 f"sftp://{self.server.user}@127.0.0.1:1/backups/v/plain.qcow2")
         self.assert_fails(p, 6, "UNREACHABLE")
@@ -215,6 +220,15 @@ class Verify(unittest.TestCase):
             self.assertIn(name, lines)
             self.assertIn(" sha256 ", lines[name])
         self.assertNotIn("plain.qcow2.sha256", lines)  # shown with its file
+        lock = os.path.join(self.remote, "writing.qcow2.lock")
+        with open(lock, "w") as f:
+            f.write("diskferry upload lock\n")
+        try:
+            p = run(DF, "ls", *self.opts, self.server.url("/backups/v"))
+        finally:
+            os.unlink(lock)
+        lines = {l.split()[-1]: l for l in p.stdout.splitlines()}
+        self.assertIn(" lock ", lines["writing.qcow2.lock"])
         p = run(DF, "ls", *self.opts, "--json", self.server.url("/backups/v"))
         entries = {e["name"]: e for e in json.loads(p.stdout)}
         size = os.path.getsize(os.path.join(self.remote, "plain.qcow2"))

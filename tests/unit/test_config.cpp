@@ -509,6 +509,8 @@ TEST_CASE("config: match_name ignores what the template could not have produced"
   for (const char* other : {
            "web01/web01-20240309T230507Z.qcow2.zst.partial",  // an upload in progress
            "web01/web01-20240309T230507Z.qcow2.zst.sha256",   // its checksum
+           "web01/web01-20240309T230507Z.qcow2.zst.lock",     // the lock of its upload
+           "web01/web01-20240309T230507Z.qcow2.zst.lock.42",  // a lock being taken over
            "web01/web01-20240309T230507Z.qcow2",              // another compression
            "web02/web02-20240309T230507Z.qcow2.zst",          // another source
            "web01/web01-20240230T230507Z.qcow2.zst",          // 30 February

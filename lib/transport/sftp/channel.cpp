@@ -411,6 +411,14 @@ std::string Channel::realpath(const std::string& path) {
   throw ProtocolError(fmt::format("{}: realpath {}: malformed reply", where(), path));
 }
 
+void Channel::write(const std::string& handle, uint64_t offset, Bytes data) {
+  uint32_t id = next_id();
+  PacketWriter w(kWrite, id);
+  w.str(handle).u64(offset).bytes(data);
+  expect_ok(request(w, id),
+            fmt::format("{}: write of {} bytes at offset {} failed", where(), data.size(), offset));
+}
+
 std::vector<std::byte> Channel::read(const std::string& handle, uint64_t offset, uint32_t length) {
   uint32_t id = next_id();
   PacketWriter w(kRead, id);

@@ -101,6 +101,8 @@ class Channel {
   void fsync(const std::string& handle);  // fsync@openssh.com; no-op when not offered
   void truncate(const std::string& handle, uint64_t size);
   std::optional<StatVfs> statvfs(const std::string& path);
+  // One WRITE, waiting for its reply (small files: sidecars, locks).
+  void write(const std::string& handle, uint64_t offset, Bytes data);
   // Up to `length` bytes at `offset` (fewer near the end; empty at or past it).
   std::vector<std::byte> read(const std::string& handle, uint64_t offset, uint32_t length);
   std::string realpath(const std::string& path);

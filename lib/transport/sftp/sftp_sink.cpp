@@ -7,6 +7,7 @@
 
 #include "image/source.hpp"
 #include "transport/sftp/channel.hpp"
+#include "transport/sftp/upload_lock.hpp"
 #include "util/size.hpp"
 
 namespace diskferry::sftp {
@@ -18,6 +19,7 @@ constexpr uint32_t kReadChunk = 32 * 1024;  // READ size every server takes
 // What survives a failed attempt: the partial file on the server and how much of it is good.
 struct UploadState {
   bool started = false;    // our NAME.partial exists on the server
+  bool locked = false;     // we hold NAME.lock
   uint64_t acked = 0;      // every byte below this was acknowledged
   uint64_t sent_high = 0;  // end of the highest write ever sent
   uint64_t resent = 0;     // bytes sent again by resumed attempts
@@ -33,7 +35,8 @@ class ResumeMismatch : public Error {
 
 struct Connection {
   // rclone's server (pkg/sftp) fails writes that do not continue where the last one ended
-  // ("Illegal seek"): one channel, zeros sent as bytes, no positioned rewrite.
+  // ("Illegal seek"): one channel, zeros sent as bytes, no positioned rewrite. It ignores
+  // OPEN's EXCL flag too.
   bool in_order = false;
   std::unique_ptr<SshSession> session;
   std::vector<std::unique_ptr<Channel>> channels;  // destroyed before the session
@@ -166,68 +169,49 @@ class SftpSink final : public Sink {
   }
 
   void write(Bytes data) override {
-    uint64_t off = pos_;
-    pos_ += data.size();
-    if (off < resume_at_) {
-      size_t skip = static_cast<size_t>(std::min<uint64_t>(data.size(), resume_at_ - off));
-      check_tail(off, data.first(skip));
-      data = data.subspan(skip);
-      off += skip;
-    }
-    if (!data.empty()) writer_->write(off, data, true);
+    explained([&] { send(data); });
   }
-  // Zeros are not sent: writing past them leaves a hole on the server, and commit() sets the
-  // final size, so trailing zeros cost nothing either.
   void write_zeros(uint64_t n) override {
-    uint64_t off = pos_;
-    if (off < resume_at_) {
-      uint64_t below = std::min<uint64_t>(n, resume_at_ - off);
-      check_tail(off, {}, below);
-      off += below;
-      n -= below;
-    }
-    pos_ = off + n;
-    if (!conn_.in_order) return;
-    static const std::vector<std::byte> zeros(256 * 1024);
-    while (n) {
-      size_t k = static_cast<size_t>(std::min<uint64_t>(n, zeros.size()));
-      writer_->write(off, Bytes(zeros.data(), k), true);
-      off += k;
-      n -= k;
-    }
+    explained([&] { send_zeros(n); });
   }
   bool supports_rewrite() const override { return !conn_.in_order; }
-  void rewrite(uint64_t offset, Bytes data) override { writer_->write(offset, data, false); }
+  void rewrite(uint64_t offset, Bytes data) override {
+    explained([&] { writer_->write(offset, data, false); });
+  }
 
   void expect_size(uint64_t bytes) override {
-    Channel& ch = *conn_.channels[0];
-    std::optional<StatVfs> fs;
-    try {
-      fs = ch.statvfs(parent_of(final_).empty() ? "." : parent_of(final_));
-    } catch (const StatusError&) {
-      return;  // offered but failing (rclone): no preflight then, the upload itself will tell
-    }
-    if (!fs || fs->block_size == 0) return;
-    uint64_t need = bytes > resume_at_ ? bytes - resume_at_ : 0;
-    if (fs->bytes_avail() < need)
-      throw Error(
-          ErrorKind::Output,
-          fmt::format("{}: {}: not enough space on the server: the image needs {} more, "
-                      "{} is free there",
-                      ch.where(), final_, format_size(need), format_size(fs->bytes_avail())));
+    if (auto free = free_space(); free && *free < remaining(bytes))
+      throw Error(ErrorKind::Output,
+                  fmt::format("{}: {}: not enough space on the server: the image needs {} more, "
+                              "{} is free there",
+                              conn_.channels[0]->where(), final_, format_size(remaining(bytes)),
+                              format_size(*free)));
+  }
+  void expect_at_most(uint64_t bytes) override {
+    if (auto free = free_space(); free && *free < remaining(bytes) && opts_.on_warning)
+      opts_.on_warning(fmt::format(
+          "{}: {}: the server may not hold it: {} is free there, the image is {} before "
+          "compression",
+          conn_.channels[0]->where(), final_, format_size(*free), format_size(bytes)));
   }
   void set_sha256(const std::string& hex) override { sha256_ = hex; }
 
   void commit() override {
     Channel& ch = *conn_.channels[0];
-    writer_->flush();
+    explained([&] { writer_->flush(); });
     ch.truncate(handles_[0], pos_);
     ch.fsync(handles_[0]);
     close_handles();
+    check_lock(ch, final_, opts_.lock_token);
+    bool sidecar = !sha256_.empty() && opts_.sha256_sidecar;
+    // An older NAME.sha256 must not stand next to the new NAME, not even for a moment.
+    if (std::string side = final_ + ".sha256"; sidecar && ch.stat(side)) ch.remove(side);
     ch.rename(partial_, final_);
     state_.started = false;
     done_ = true;
-    if (!sha256_.empty() && opts_.sha256_sidecar) write_sidecar(ch);
+    if (sidecar) write_sidecar(ch);
+    // Only now may another run take NAME: the file and its sidecar are both this run's.
+    if (release_lock(ch, final_, opts_.lock_token)) state_.locked = false;
   }
 
   void abort() noexcept override {
@@ -251,6 +235,7 @@ class SftpSink final : public Sink {
       Channel fresh(*conn_.session, opts_.stall_timeout);
       fresh.remove(partial_);
       state_.started = false;
+      unlock(fresh);
       return;
     } catch (...) {
     }
@@ -264,6 +249,7 @@ class SftpSink final : public Sink {
       try {
         c->remove(partial_);
         state_.started = false;
+        unlock(*c);
         return;
       } catch (...) {
         // Nothing more can be done here; a stale .partial is overwritten next time.
@@ -273,6 +259,83 @@ class SftpSink final : public Sink {
   uint64_t position() const override { return pos_; }
 
  private:
+  void unlock(Channel& ch) {
+    if (state_.locked && release_lock(ch, final_, opts_.lock_token)) state_.locked = false;
+  }
+
+  // Bytes still to send for an output of `bytes` (a resumed attempt has some already).
+  uint64_t remaining(uint64_t bytes) const { return bytes > resume_at_ ? bytes - resume_at_ : 0; }
+
+  // Free space in NAME's directory; nullopt when the server does not say (statvfs@openssh.com
+  // absent, or offered but failing as on rclone).
+  std::optional<uint64_t> free_space(Channel& ch) const {
+    try {
+      auto fs = ch.statvfs(parent_of(final_).empty() ? "." : parent_of(final_));
+      if (fs && fs->block_size) return fs->bytes_avail();
+    } catch (const StatusError&) {
+    }
+    return std::nullopt;
+  }
+  std::optional<uint64_t> free_space() const { return free_space(*conn_.channels[0]); }
+
+  // A WRITE refused with the generic "failure" is, nearly always, a full disk (OpenSSH reports
+  // ENOSPC so; rclone says "io: read/write on closed pipe"): say so, with the free space when
+  // the server tells it. Asked on a fresh channel: the writing ones have replies in flight.
+  template <class F>
+  void explained(F&& f) {
+    try {
+      f();
+    } catch (const StatusError& e) {
+      if (e.code() != kFailure) throw;
+      std::optional<uint64_t> free;
+      try {
+        Channel fresh(*conn_.session, opts_.stall_timeout);
+        free = free_space(fresh);
+      } catch (const Error&) {
+      }
+      constexpr uint64_t kNearlyFull = 64u << 20;
+      std::string why =
+          !free ? "the remote is probably full"
+          : *free < kNearlyFull
+              ? fmt::format("the remote is probably full ({} free there)", format_size(*free))
+              : fmt::format("{} is free there, so perhaps a quota is exhausted",
+                            format_size(*free));
+      throw StatusError(e.code(), fmt::format("{}; {}", e.what(), why));
+    }
+  }
+
+  void send(Bytes data) {
+    uint64_t off = pos_;
+    pos_ += data.size();
+    if (off < resume_at_) {
+      size_t skip = static_cast<size_t>(std::min<uint64_t>(data.size(), resume_at_ - off));
+      check_tail(off, data.first(skip));
+      data = data.subspan(skip);
+      off += skip;
+    }
+    if (!data.empty()) writer_->write(off, data, true);
+  }
+  // Zeros are not sent: writing past them leaves a hole on the server, and commit() sets the
+  // final size, so trailing zeros cost nothing either.
+  void send_zeros(uint64_t n) {
+    uint64_t off = pos_;
+    if (off < resume_at_) {
+      uint64_t below = std::min<uint64_t>(n, resume_at_ - off);
+      check_tail(off, {}, below);
+      off += below;
+      n -= below;
+    }
+    pos_ = off + n;
+    if (!conn_.in_order) return;
+    static const std::vector<std::byte> zeros(256 * 1024);
+    while (n) {
+      size_t k = static_cast<size_t>(std::min<uint64_t>(n, zeros.size()));
+      writer_->write(off, Bytes(zeros.data(), k), true);
+      off += k;
+      n -= k;
+    }
+  }
+
   // Closes every handle on a channel still usable, the closes of all channels in one round trip.
   void close_handles() {
     std::vector<std::pair<Channel*, uint32_t>> ids;
@@ -303,11 +366,7 @@ class SftpSink final : public Sink {
     std::string text = fmt::format("{}  {}\n", sha256_, base_of(final_));
     std::string side = final_ + ".sha256", tmp = side + ".partial";
     std::string h = ch.open(tmp, kOpenWrite | kOpenCreate | kOpenTrunc);
-    uint32_t id = ch.next_id();
-    PacketWriter w(kWrite, id);
-    w.str(h).u64(0).bytes(Bytes(reinterpret_cast<const std::byte*>(text.data()), text.size()));
-    ch.send(w.finish());
-    Channel::expect_ok(ch.wait(id), fmt::format("{}: {}: write failed", ch.where(), tmp));
+    ch.write(h, 0, Bytes(reinterpret_cast<const std::byte*>(text.data()), text.size()));
     ch.close(h);
     ch.rename(tmp, side);
   }
@@ -333,6 +392,11 @@ class SftpDestination final : public Destination {
       throw Error(ErrorKind::Usage, fmt::format("{}: name a file, not a directory", url.str()));
     if (o.streams < 1 || o.streams > 16)
       throw Error(ErrorKind::Usage, "--streams: expected 1 to 16 channels");
+    if (opts_.lock_token.empty()) opts_.lock_token = random_lock_token();
+  }
+  ~SftpDestination() override {
+    // A run that ends without give_up() (a failure no retry could help) leaves no lock behind.
+    if (state_.locked && !opts_.keep_partial) give_up();
   }
 
   const std::string& name() const override { return name_; }
@@ -346,12 +410,26 @@ class SftpDestination final : public Destination {
     Connection c = connect();
     Channel& ch = *c.channels[0];
     std::string partial = final_ + ".partial";
+    if (auto a = ch.stat(final_); a && a->permissions && (*a->permissions & 0170000) == 0040000)
+      throw Error(ErrorKind::Usage, fmt::format("{}: {}: is a directory on the server; name a file",
+                                                ch.where(), final_));
+    ch.mkdirs(parent_of(final_));
+    bool ours = state_.started;  // NAME.partial is this job's, written under its lock
+    if (!state_.locked) {
+      LockTaken t = take_lock(ch, final_, opts_.lock_token, !c.in_order);
+      state_.locked = true;
+      ours = ours || t == LockTaken::Own;
+      if (t == LockTaken::TakenOver && opts_.on_warning)
+        opts_.on_warning(fmt::format("{}: {}: took over the lock of an earlier run that is gone",
+                                     ch.where(), final_));
+    }
     std::vector<std::string> handles;
     uint64_t resume_at = 0;
     std::vector<std::byte> tail;
     if (!state_.started && !adopted_ && opts_.adopt_partial) {
       adopted_ = true;  // only the first attempt of this process looks for an earlier one's
-      if (auto a = ch.stat(partial); a && a->size && *a->size > 0) {
+      // Only a partial file written under this job's own lock: any other is not ours to finish.
+      if (auto a = ours ? ch.stat(partial) : std::nullopt; a && a->size && *a->size > 0) {
         // Every write below (end - what can be in flight) was acknowledged: writes go out in
         // file order and each channel holds at most lane_inflight_bytes unacknowledged.
         uint64_t in_flight = uint64_t(opts_.lane_inflight_bytes) * c.channels.size() + (1 << 20);
@@ -381,11 +459,10 @@ class SftpDestination final : public Destination {
       }
     }
     if (!state_.started) {
-      ch.mkdirs(parent_of(final_));
       handles.push_back(ch.open(partial, kOpenWrite | kOpenCreate | kOpenTrunc));
       uint64_t resent = state_.resent + state_.sent_high;  // all of it goes again
       state_ = UploadState{};
-      state_.started = true;
+      state_.started = state_.locked = true;
       state_.resent = resent;
     }
     std::vector<uint32_t> ids;
@@ -398,13 +475,16 @@ class SftpDestination final : public Destination {
   }
 
   void give_up() noexcept override {
-    if (!state_.started || opts_.keep_partial) return;
+    if ((!state_.started && !state_.locked) || opts_.keep_partial) return;
     try {
       Connection c = connect(1);
-      c.channels[0]->remove(final_ + ".partial");
+      Channel& ch = *c.channels[0];
+      if (state_.started && ch.stat(final_ + ".partial")) ch.remove(final_ + ".partial");
       state_.started = false;
+      if (release_lock(ch, final_, opts_.lock_token)) state_.locked = false;
     } catch (...) {
-      // Unreachable again: the partial file stays; the next upload to NAME truncates it.
+      // Unreachable again: the partial file and the lock stay; the lock is stale once this
+      // process has exited, and the next run on this host takes it over.
     }
   }
 
@@ -472,7 +552,9 @@ void discard_partial(const Url& url, const SinkOptions& options) {
   SshSession session(url, options.ssh);
   Channel ch(session, options.stall_timeout);
   std::string partial = url.remote_path() + ".partial";
+  if (held_by_other(ch, url.remote_path(), options.lock_token)) return;  // another run's now
   if (ch.stat(partial)) ch.remove(partial);
+  release_lock(ch, url.remote_path(), options.lock_token);
 }
 
 }  // namespace diskferry::sftp

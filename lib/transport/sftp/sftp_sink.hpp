@@ -30,6 +30,9 @@ struct SinkOptions {
   //    below its end (what was in flight when the previous process died may be missing), after
   //    the usual comparison of the last MiB below that point.
   bool keep_partial = false, adopt_partial = false;
+  // Owner of NAME.lock (see upload_lock.hpp): the daemon's is one per job, so that a restarted
+  // daemon recognises its own lock and partial file. Empty: random, one per destination.
+  std::string lock_token;
   // Told about things worth a user's attention that do not stop the upload.
   std::function<void(const std::string&)> on_warning;
   // Told where an attempt resumes NAME.partial (bytes kept) and how large it was.
@@ -38,7 +41,8 @@ struct SinkOptions {
 
 std::unique_ptr<Destination> open_sftp_destination(const Url& url, const SinkOptions& options);
 
-// Removes URL's NAME.partial if there is one (a job abandoned for good). Throws on failure.
+// Removes URL's NAME.partial if there is one, and NAME.lock if it is options.lock_token's (a job
+// abandoned for good). Leaves both alone when another run holds the lock. Throws on failure.
 void discard_partial(const Url& url, const SinkOptions& options);
 
 }  // namespace diskferry::sftp

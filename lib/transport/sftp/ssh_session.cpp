@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <libssh/libssh.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pwd.h>
@@ -87,13 +88,29 @@ SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
   ssh_options_get_port(s_.get(), &port);
   char* host = nullptr;
   ssh_options_get(s_.get(), SSH_OPTIONS_HOST, &host);
-  where_ = fmt::format("{}@{}:{}", user ? user : "?", host ? host : url.host, port);
+  const std::string host_name = host ? host : url.host;
+  // No user from the URL or the config: libssh logs in as the local user.
+  const passwd* me = user ? nullptr : getpwuid(getuid());
+  where_ = fmt::format("{}@{}:{}", user ? user : me ? me->pw_name : "?", host_name, port);
   ssh_string_free_char(user);
   ssh_string_free_char(host);
 
-  if (ssh_connect(s_.get()) != SSH_OK)
+  if (ssh_connect(s_.get()) != SSH_OK) {
+    // libssh says "failed to resolve" for a name that does not exist and for a DNS server that
+    // did not answer alike; only the first is a mistake in the name. A ProxyCommand (or
+    // ProxyJump) resolves the name elsewhere.
+    char* proxy = nullptr;
+    bool direct = ssh_options_get(s_.get(), SSH_OPTIONS_PROXYCOMMAND, &proxy) != SSH_OK;
+    ssh_string_free_char(proxy);
+    addrinfo* ai = nullptr;
+    int rc = direct ? ::getaddrinfo(host_name.c_str(), nullptr, nullptr, &ai) : 0;
+    if (ai) freeaddrinfo(ai);
+    if (rc == EAI_NONAME || rc == EAI_FAIL || rc == EAI_NODATA)
+      throw ConnectError(ConnectFailure::HostUnknown,
+                         fmt::format("{}: cannot resolve host name '{}'", where_, host_name));
     throw ConnectError(ConnectFailure::Unreachable,
                        fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_.get())));
+  }
   int fd = ssh_get_fd(s_.get());
   if (fd >= 0) ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &yes, sizeof yes);
   if (o.on_step) o.on_step(*this, ConnectStep::Connected);

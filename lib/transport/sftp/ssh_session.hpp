@@ -29,7 +29,16 @@ struct SshOptions {
 };
 
 // Why a connection attempt failed; decides whether retrying can help.
-enum class ConnectFailure { Unreachable, HostKeyUnknown, HostKeyChanged, AuthRefused, Protocol };
+// HostUnknown: the name does not resolve; a configuration error to the CLI, which the daemon
+// retries all the same (DNS may be down for a while).
+enum class ConnectFailure {
+  Unreachable,
+  HostUnknown,
+  HostKeyUnknown,
+  HostKeyChanged,
+  AuthRefused,
+  Protocol
+};
 
 class ConnectError : public Error {
  public:
