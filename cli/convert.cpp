@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "commands.hpp"
+#include "image/checked_source.hpp"
 #include "image/layout.hpp"
 #include "pipeline/convert.hpp"
 #include "remote_args.hpp"
@@ -128,6 +129,7 @@ struct ImageArgs {
   std::string source_format;
   int threads = 0;
   bool progress = false, no_progress = false;
+  bool no_verify_checksum = false;
 
   void add(CLI::App& c, bool several) {
     c.add_option("SOURCE", source,
@@ -217,6 +219,7 @@ struct ImageArgs {
     }
     so.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     so.progress = !no_progress && (progress || ::isatty(STDERR_FILENO));
+    so.verify_checksum = !no_verify_checksum;
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);
       so.layout_name = layout;
@@ -303,6 +306,22 @@ std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& 
   return out;
 }
 
+// A block device cannot be left untouched by a failed restore: by the time the last byte of the
+// backup shows that it does not match its checksum, the device holds what was written.
+void warn_if_device_suspect(const std::string& dest, const std::exception_ptr& error) {
+  struct stat st {};
+  if (::stat(dest.c_str(), &st) != 0 || !S_ISBLK(st.st_mode)) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const ChecksumMismatch&) {
+    fmt::print(stderr,
+               "diskferry: {}: WARNING: this block device now holds data from a backup that "
+               "failed its checksum: its contents are suspect, do not use them\n",
+               dest);
+  } catch (...) {
+  }
+}
+
 }  // namespace
 
 Run add_convert(CLI::App& app) {
@@ -360,6 +379,11 @@ Run add_convert(CLI::App& app) {
                 "vhdx,block-size=1M:vm.vhdx (repeat)");
   remote->add(*c);
   remote->add_device_options(*c);
+  c->add_flag("--no-verify-checksum", args->no_verify_checksum,
+              "Restoring from sftp://: do not check the backup against NAME.sha256 beside it. By "
+              "default every byte read is hashed and a mismatch fails the restore before DEST "
+              "is published (a file DEST is not left behind; a block device, already written, "
+              "is reported as suspect); a backup without a sidecar is restored with a warning");
   return [args, remote, dests, tos]() {
     ConvertOptions o = args->options();
     auto ts = targets(*args, *dests, *tos, o.threads);
@@ -379,6 +403,7 @@ Run add_convert(CLI::App& app) {
       const auto& r = results[i].result;
       const std::string& dest = ts[i].dest;
       if (results[i].error) {
+        warn_if_device_suspect(dest, results[i].error);
         if (!first) first = results[i].error;
         if (ts.size() > 1) {
           try {
