@@ -11,7 +11,6 @@ namespace {
 
 constexpr uint64_t kAhead = 32u << 20;  // reads further ahead of the hashed prefix are not kept
 constexpr size_t kHold = 16u << 20;     // bytes kept ahead of the prefix at most
-constexpr uint64_t kFill = 4u << 20;    // a gap this small is read to move the prefix on
 constexpr size_t kChunk = 1u << 20;
 
 class CheckedReader final : public ByteReader {
@@ -91,15 +90,9 @@ void HashedReadAt::take_pending() {
 }
 
 void HashedReadAt::trim_pending() {
-  while (pending_bytes_ > kHold) {
-    if (pending_.begin()->first - cursor_ <= kFill) {
-      hash_through(pending_.begin()->first);
-    } else {
-      auto last = std::prev(pending_.end());
-      pending_bytes_ -= last->second.size();
-      pending_.erase(last);
-    }
-  }
+  // The reader has moved on past the gap below the lowest kept read (a header, a log, tables
+  // read before the pass): reading it now costs what the end of the pass would.
+  while (pending_bytes_ > kHold) hash_through(pending_.begin()->first);
 }
 
 void HashedReadAt::hash_through(uint64_t end) {

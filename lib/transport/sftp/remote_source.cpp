@@ -65,9 +65,12 @@ std::unique_ptr<Source> open_remote_source(const Url& url, const ReadOptions& re
     else if (options.format == SourceFormat::Vhdx ||
              (options.format == SourceFormat::Auto && is_vhdx_magic(head)))
       image = open_vhdx_source_at(std::move(read_at), file->size(), name, options);
-    // A pass hashes from byte 0: the read-ahead starts there too, so it serves that pass's reads.
-    if (image && hashed)
-      return opened(make_checked_source(std::move(image), hashed, [file] { file->seek(0); }));
+    // A pass hashes from byte 0: a later pass starts the read-ahead there again, so it serves
+    // that pass's reads (the first pass finds it there, filled, after the header was read).
+    auto rewind = [file] {
+      if (file->consumed() > (8u << 20)) file->seek(0);
+    };
+    if (image && hashed) return opened(make_checked_source(std::move(image), hashed, rewind));
     if (image) return opened(std::move(image));
   }
   // Each pass reads the file again from its start: the first one on the connection already
