@@ -238,6 +238,51 @@ struct Target {
   OutputSpec spec;
 };
 
+// FORMAT[,KEY=VALUE...]:DEST into `t`; returns DEST. A value runs to the next ',' or ':', except
+// that compress takes NAME[:LEVEL]: "compress=zstd:9:vm.vhdx.zst" is level 9 into vm.vhdx.zst.
+std::string parse_to(const std::string& to, OutputText& t) {
+  auto bad = [&] {
+    return Error(ErrorKind::Usage,
+                 fmt::format("--to '{}': expected FORMAT[,KEY=VALUE...]:DEST, e.g. "
+                             "qcow2,compress=zstd:3:sftp://box/vm.qcow2.zst",
+                             to));
+  };
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  size_t at = to.find_first_of(",:");
+  if (at == std::string::npos) throw bad();
+  t.format = to.substr(0, at);
+  while (to[at] == ',') {
+    const size_t start = at + 1;
+    size_t end = to.find_first_of(",:", start);
+    if (end == std::string::npos) throw bad();
+    if (to.compare(start, 9, "compress=") == 0 && to[end] == ':') {
+      size_t level = end + 1;
+      while (level < to.size() && digit(to[level])) ++level;
+      if (level > end + 1 && (level == to.size() || to[level] == ',' || to[level] == ':'))
+        end = level;
+      if (end == to.size()) throw bad();
+    }
+    t.set(to, to.substr(start, end - start));
+    at = end;
+  }
+  std::string dest = to.substr(at + 1);
+  if (dest.empty()) throw bad();
+  // What an option left behind (a level after a key that takes none, KEY=VALUE after the ':')
+  // is almost never a file name; ./NAME says it is one.
+  size_t digits = 0;
+  while (digits < dest.size() && digit(dest[digits])) ++digits;
+  const size_t eq = dest.find('='), slash = dest.find('/');
+  if ((digits > 0 && digits < dest.size() && dest[digits] == ':') ||
+      (eq != std::string::npos && eq < slash))
+    throw Error(ErrorKind::Usage,
+                fmt::format("--to '{}': DEST '{}' looks like a leftover option: options go "
+                            "before the ':' that starts DEST, each after a ',' (e.g. "
+                            "vhdx,compress=zstd:9:vm.vhdx.zst); for a file of that name give "
+                            "./{}",
+                            to, dest, dest));
+  return dest;
+}
+
 // -O/-o pairs in order, then each --to FORMAT[,KEY=VALUE...]:DEST.
 std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& dests,
                             const std::vector<std::string>& tos, int threads) {
@@ -257,27 +302,10 @@ std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& 
     texts.emplace_back(t, dests[i]);
   }
   for (const auto& to : tos) {
-    auto colon = to.find(':');
-    if (colon == std::string::npos || colon + 1 == to.size())
-      throw Error(ErrorKind::Usage,
-                  fmt::format("--to '{}': expected FORMAT[,KEY=VALUE...]:DEST, e.g. "
-                              "qcow2,compress=zstd:sftp://box/vm.qcow2.zst",
-                              to));
     OutputText t = a.defaults;
     t.container_files.clear();  // a --to lists its own members
-    std::string head = to.substr(0, colon);
-    size_t at = 0;
-    for (bool first = true;; first = false) {
-      size_t comma = head.find(',', at);
-      std::string part = head.substr(at, comma == std::string::npos ? comma : comma - at);
-      if (first)
-        t.format = part;
-      else
-        t.set(to, part);
-      if (comma == std::string::npos) break;
-      at = comma + 1;
-    }
-    texts.emplace_back(t, to.substr(colon + 1));
+    std::string dest = parse_to(to, t);
+    texts.emplace_back(t, dest);
   }
   if (texts.empty()) throw Error(ErrorKind::Usage, "no output: give -O FORMAT -o DEST or --to");
   std::vector<Target> out;
@@ -376,7 +404,9 @@ Run add_convert(CLI::App& app) {
                 "for several outputs");
   c->add_option("--to", *tos,
                 "Another output with its own options: FORMAT[,KEY=VALUE...]:DEST, e.g. "
-                "vhdx,block-size=1M:vm.vhdx (repeat)");
+                "vhdx,block-size=1M:vm.vhdx or qcow2,compress=zstd:9:sftp://box/vm.qcow2.zst "
+                "(compress takes NAME[:LEVEL]; a DEST that looks like a leftover option, "
+                "9:x or KEY=VALUE, is refused: write ./9:x) (repeat)");
   remote->add(*c);
   remote->add_device_options(*c);
   c->add_flag("--no-verify-checksum", args->no_verify_checksum,
