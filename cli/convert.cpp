@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <algorithm>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -334,6 +335,43 @@ std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& 
   return out;
 }
 
+// An option given on the command line that applies to none of the run's outputs (--cluster-size
+// with -O vhdx, --streams with only local files) would be ignored: refused instead, since the
+// user meant something by it. `pairs`: the -O/-o outputs, first in `ts`.
+void refuse_unused_options(const CLI::App& c, const ImageArgs& a, const std::vector<Target>& ts,
+                           size_t pairs) {
+  auto any = [&](auto&& pred) { return std::any_of(ts.begin(), ts.end(), pred); };
+  auto format_is = [](ImageFormat f) {
+    return [f](const Target& t) { return t.spec.writer.format == f; };
+  };
+  auto check = [&](const char* name, const char* applies_to, bool applies) {
+    const CLI::Option* o = c.get_option_no_throw(name);
+    if (o && o->count() > 0 && !applies)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{} applies to {}, and this run has none", name, applies_to));
+  };
+  check("--cluster-size", "qcow2 outputs", any(format_is(ImageFormat::Qcow2)));
+  check("--qcow2-compression", "qcow2 outputs", any(format_is(ImageFormat::Qcow2)));
+  check("--block-size", "VHDX outputs", any(format_is(ImageFormat::Vhdx)));
+  check("--container-name", "outputs in a tar container (--container tar)",
+        any([](const Target& t) { return t.spec.container.tar; }));
+  check("--container-file", "-O/-o outputs in a tar container (a --to lists its own)",
+        std::any_of(ts.begin(), ts.begin() + static_cast<std::ptrdiff_t>(pairs),
+                    [](const Target& t) { return t.spec.container.tar; }));
+  const bool sftp_source = a.source.rfind("sftp://", 0) == 0;
+  const bool remote = sftp_source || any([](const Target& t) { return sftp::is_sftp_url(t.dest); });
+  for (const char* name : {"--streams", "--stall-timeout", "--retries", "--retry-delay",
+                           "--accept-new-host-key", "--identity", "--known-hosts", "--ssh-config"})
+    check(name, "sftp:// sources and destinations", remote);
+  check("--no-verify-checksum", "an sftp:// SOURCE (a restore)", sftp_source);
+  check("--discard", "block-device destinations", any([](const Target& t) {
+          struct stat st {};
+          return ::stat(t.dest.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
+        }));
+  check("--no-sync", "file and block-device destinations",
+        any([](const Target& t) { return t.dest != "-" && !sftp::is_sftp_url(t.dest); }));
+}
+
 // A block device cannot be left untouched by a failed restore: by the time the last byte of the
 // backup shows that it does not match its checksum, the device holds what was written.
 void warn_if_device_suspect(const std::string& dest, const std::exception_ptr& error) {
@@ -414,9 +452,10 @@ Run add_convert(CLI::App& app) {
               "default every byte read is hashed and a mismatch fails the restore before DEST "
               "is published (a file DEST is not left behind; a block device, already written, "
               "is reported as suspect); a backup without a sidecar is restored with a warning");
-  return [args, remote, dests, tos]() {
+  return [c, args, remote, dests, tos]() {
     ConvertOptions o = args->options();
     auto ts = targets(*args, *dests, *tos, o.threads);
+    refuse_unused_options(*c, *args, ts, dests->size());
     auto src = args->open(ts[0].spec.writer.format == ImageFormat::Asis, remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
@@ -471,9 +510,10 @@ Run add_measure(CLI::App& app) {
       "Example: diskferry measure vm.img -O qcow2 --qcow2-compression zstd --json");
   args->add(*c, false);
   c->add_flag("--json", *json, "Print {\"size\": N, ...} as JSON");
-  return [args, json]() {
+  return [c, args, json]() {
     ConvertOptions o = args->options();
     OutputSpec s = args->spec(o);
+    refuse_unused_options(*c, *args, {Target{"-", s}}, 1);
     o.writer = s.writer;
     o.compress = s.compress;
     o.container = s.container;

@@ -203,6 +203,36 @@ class Outputs(unittest.TestCase):
                cwd=self.dir))
         self.assertEqual(run("cmp", self.raw, self.p("9:odd.img")).returncode, 0)
 
+    def test_options_that_apply_to_no_output_are_refused(self):
+        for args, name in (
+                (["-O", "raw", "--cluster-size", "4K", "-o", "x"], "--cluster-size"),
+                (["-O", "qcow2", "--block-size", "1M", "-o", "x"], "--block-size"),
+                (["-O", "vhdx", "-o", "x", "-O", "raw", "-o", "y", "--cluster-size", "64K"],
+                 "--cluster-size"),
+                (["-O", "qcow2", "--streams", "2", "-o", "x"], "--streams"),
+                (["-O", "qcow2", "--identity", "/dev/null", "-o", "x"], "--identity"),
+                (["-O", "qcow2", "--retries", "3", "-o", "x"], "--retries"),
+                (["-O", "qcow2", "--no-verify-checksum", "-o", "x"], "--no-verify-checksum"),
+                (["-O", "qcow2", "--discard", "-o", "x"], "--discard"),
+                (["--to", "qcow2,container=tar:x", "--container-file", "vm.ovf"],
+                 "--container-file")):
+            with self.subTest(args=args):
+                p = run(DF, "convert", self.top, "--no-progress", *args, cwd=self.dir)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertIn(name + " applies to", p.stderr)
+                for left in ("x", "x.partial", "y"):
+                    self.assertFalse(os.path.exists(self.p(left)), left)
+        p = run(DF, "measure", self.top, "-O", "raw", "--cluster-size", "4K")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("--cluster-size applies to", p.stderr)
+        # Given where one output uses it: fine, as is the default value given explicitly for
+        # a --to output that takes it.
+        ok(run(DF, "convert", self.top, "--no-progress", "--block-size", "1M", "-O", "qcow2",
+               "-o", self.p("ap.qcow2"), "--to", "vhdx:" + self.p("ap.vhdx")))
+        self.assertEqual(sha(self.p("ap.vhdx")),
+                         sha(self.single("ap.vhdx", "-O", "vhdx", "--block-size", "1M")))
+
     def test_ova_reads_back_with_tar(self):
         ova = self.p("vm.ova")
         ok(run(DF, "convert", self.top, "--no-progress", "-O", "qcow2", "--container", "tar",
