@@ -153,7 +153,11 @@ struct ImageArgs {
                  "compressed twice (its size is needed before the first byte); --compress zstd "
                  "compresses once");
     c.add_option("--block-size", defaults.block_size,
-                 "VHDX block size, a power of two from 1M to 256M (default 32M)");
+                 "VHDX block size, a power of two from 1M to 256M (default 32M). An empty "
+                 "(0-byte) disk gets 1M blocks whatever is given: QEMU opens an empty VHDX only "
+                 "with a BAT region of 8 MiB per MiB of block size (it miscounts the entries of "
+                 "an empty disk), which would be 256 MiB of zeros at 32M and 2 GiB, more than "
+                 "it reads, at 256M");
     c.add_option("--compress", defaults.compress,
                  "Compress the whole output: none, zstd[:LEVEL] (1-19, all cores) or "
                  "gzip[:LEVEL] (1-9). Default none");
