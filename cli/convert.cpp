@@ -363,10 +363,12 @@ void refuse_unused_options(const CLI::App& c, const ImageArgs& a, const std::vec
         std::any_of(ts.begin(), ts.begin() + static_cast<std::ptrdiff_t>(pairs),
                     [](const Target& t) { return t.spec.container.tar; }));
   const bool sftp_source = a.source.rfind("sftp://", 0) == 0;
-  const bool remote = sftp_source || any([](const Target& t) { return sftp::is_sftp_url(t.dest); });
-  for (const char* name : {"--streams", "--stall-timeout", "--retries", "--retry-delay",
-                           "--accept-new-host-key", "--identity", "--known-hosts", "--ssh-config"})
-    check(name, "sftp:// sources and destinations", remote);
+  const bool sftp_dest = any([](const Target& t) { return sftp::is_sftp_url(t.dest); });
+  for (const char* name : {"--streams", "--stall-timeout", "--retries", "--accept-new-host-key",
+                           "--identity", "--known-hosts", "--ssh-config"})
+    check(name, "sftp:// sources and destinations", sftp_source || sftp_dest);
+  // A download reconnects on its own schedule; the wait applies to resuming an upload.
+  check("--retry-delay", "sftp:// destinations", sftp_dest);
   check("--no-verify-checksum", "an sftp:// SOURCE (a restore)", sftp_source);
   check("--discard", "block-device destinations", any([](const Target& t) {
           struct stat st {};
