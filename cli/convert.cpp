@@ -2,11 +2,13 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <algorithm>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "commands.hpp"
+#include "image/checked_source.hpp"
 #include "image/layout.hpp"
 #include "pipeline/convert.hpp"
 #include "remote_args.hpp"
@@ -128,6 +130,7 @@ struct ImageArgs {
   std::string source_format;
   int threads = 0;
   bool progress = false, no_progress = false;
+  bool no_verify_checksum = false;
 
   void add(CLI::App& c, bool several) {
     c.add_option("SOURCE", source,
@@ -150,7 +153,11 @@ struct ImageArgs {
                  "compressed twice (its size is needed before the first byte); --compress zstd "
                  "compresses once");
     c.add_option("--block-size", defaults.block_size,
-                 "VHDX block size, a power of two from 1M to 256M (default 32M)");
+                 "VHDX block size, a power of two from 1M to 256M (default 32M). An empty "
+                 "(0-byte) disk gets 1M blocks whatever is given: QEMU opens an empty VHDX only "
+                 "with a BAT region of 8 MiB per MiB of block size (it miscounts the entries of "
+                 "an empty disk), which would be 256 MiB of zeros at 32M and 2 GiB, more than "
+                 "it reads, at 256M");
     c.add_option("--compress", defaults.compress,
                  "Compress the whole output: none, zstd[:LEVEL] (1-19, all cores) or "
                  "gzip[:LEVEL] (1-9). Default none");
@@ -217,6 +224,7 @@ struct ImageArgs {
     }
     so.on_warning = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
     so.progress = !no_progress && (progress || ::isatty(STDERR_FILENO));
+    so.verify_checksum = !no_verify_checksum;
     if (!layout.empty()) {
       so.layout = read_rbd_layout(layout);
       so.layout_name = layout;
@@ -234,6 +242,51 @@ struct Target {
   std::string dest;
   OutputSpec spec;
 };
+
+// FORMAT[,KEY=VALUE...]:DEST into `t`; returns DEST. A value runs to the next ',' or ':', except
+// that compress takes NAME[:LEVEL]: "compress=zstd:9:vm.vhdx.zst" is level 9 into vm.vhdx.zst.
+std::string parse_to(const std::string& to, OutputText& t) {
+  auto bad = [&] {
+    return Error(ErrorKind::Usage,
+                 fmt::format("--to '{}': expected FORMAT[,KEY=VALUE...]:DEST, e.g. "
+                             "qcow2,compress=zstd:3:sftp://box/vm.qcow2.zst",
+                             to));
+  };
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  size_t at = to.find_first_of(",:");
+  if (at == std::string::npos) throw bad();
+  t.format = to.substr(0, at);
+  while (to[at] == ',') {
+    const size_t start = at + 1;
+    size_t end = to.find_first_of(",:", start);
+    if (end == std::string::npos) throw bad();
+    if (to.compare(start, 9, "compress=") == 0 && to[end] == ':') {
+      size_t level = end + 1;
+      while (level < to.size() && digit(to[level])) ++level;
+      if (level > end + 1 && (level == to.size() || to[level] == ',' || to[level] == ':'))
+        end = level;
+      if (end == to.size()) throw bad();
+    }
+    t.set(to, to.substr(start, end - start));
+    at = end;
+  }
+  std::string dest = to.substr(at + 1);
+  if (dest.empty()) throw bad();
+  // What an option left behind (a level after a key that takes none, KEY=VALUE after the ':')
+  // is almost never a file name; ./NAME says it is one.
+  size_t digits = 0;
+  while (digits < dest.size() && digit(dest[digits])) ++digits;
+  const size_t eq = dest.find('='), slash = dest.find('/');
+  if ((digits > 0 && digits < dest.size() && dest[digits] == ':') ||
+      (eq != std::string::npos && eq < slash))
+    throw Error(ErrorKind::Usage,
+                fmt::format("--to '{}': DEST '{}' looks like a leftover option: options go "
+                            "before the ':' that starts DEST, each after a ',' (e.g. "
+                            "vhdx,compress=zstd:9:vm.vhdx.zst); for a file of that name give "
+                            "./{}",
+                            to, dest, dest));
+  return dest;
+}
 
 // -O/-o pairs in order, then each --to FORMAT[,KEY=VALUE...]:DEST.
 std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& dests,
@@ -254,27 +307,10 @@ std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& 
     texts.emplace_back(t, dests[i]);
   }
   for (const auto& to : tos) {
-    auto colon = to.find(':');
-    if (colon == std::string::npos || colon + 1 == to.size())
-      throw Error(ErrorKind::Usage,
-                  fmt::format("--to '{}': expected FORMAT[,KEY=VALUE...]:DEST, e.g. "
-                              "qcow2,compress=zstd:sftp://box/vm.qcow2.zst",
-                              to));
     OutputText t = a.defaults;
     t.container_files.clear();  // a --to lists its own members
-    std::string head = to.substr(0, colon);
-    size_t at = 0;
-    for (bool first = true;; first = false) {
-      size_t comma = head.find(',', at);
-      std::string part = head.substr(at, comma == std::string::npos ? comma : comma - at);
-      if (first)
-        t.format = part;
-      else
-        t.set(to, part);
-      if (comma == std::string::npos) break;
-      at = comma + 1;
-    }
-    texts.emplace_back(t, to.substr(colon + 1));
+    std::string dest = parse_to(to, t);
+    texts.emplace_back(t, dest);
   }
   if (texts.empty()) throw Error(ErrorKind::Usage, "no output: give -O FORMAT -o DEST or --to");
   std::vector<Target> out;
@@ -301,6 +337,61 @@ std::vector<Target> targets(const ImageArgs& a, const std::vector<std::string>& 
                   "-O asis (the source file's own bytes) cannot share a read with image formats "
                   "(the disk inside): run them as two commands");
   return out;
+}
+
+// An option given on the command line that applies to none of the run's outputs (--cluster-size
+// with -O vhdx, --streams with only local files) would be ignored: refused instead, since the
+// user meant something by it. `pairs`: the -O/-o outputs, first in `ts`.
+void refuse_unused_options(const CLI::App& c, const ImageArgs& a, const std::vector<Target>& ts,
+                           size_t pairs) {
+  auto any = [&](auto&& pred) { return std::any_of(ts.begin(), ts.end(), pred); };
+  auto format_is = [](ImageFormat f) {
+    return [f](const Target& t) { return t.spec.writer.format == f; };
+  };
+  auto check = [&](const char* name, const char* applies_to, bool applies) {
+    const CLI::Option* o = c.get_option_no_throw(name);
+    if (o && o->count() > 0 && !applies)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{} applies to {}, and this run has none", name, applies_to));
+  };
+  check("--cluster-size", "qcow2 outputs", any(format_is(ImageFormat::Qcow2)));
+  check("--qcow2-compression", "qcow2 outputs", any(format_is(ImageFormat::Qcow2)));
+  check("--block-size", "VHDX outputs", any(format_is(ImageFormat::Vhdx)));
+  check("--container-name", "outputs in a tar container (--container tar)",
+        any([](const Target& t) { return t.spec.container.tar; }));
+  check("--container-file", "-O/-o outputs in a tar container (a --to lists its own)",
+        std::any_of(ts.begin(), ts.begin() + static_cast<std::ptrdiff_t>(pairs),
+                    [](const Target& t) { return t.spec.container.tar; }));
+  const bool sftp_source = a.source.rfind("sftp://", 0) == 0;
+  const bool sftp_dest = any([](const Target& t) { return sftp::is_sftp_url(t.dest); });
+  for (const char* name : {"--streams", "--stall-timeout", "--retries", "--accept-new-host-key",
+                           "--identity", "--known-hosts", "--ssh-config"})
+    check(name, "sftp:// sources and destinations", sftp_source || sftp_dest);
+  // A download reconnects on its own schedule; the wait applies to resuming an upload.
+  check("--retry-delay", "sftp:// destinations", sftp_dest);
+  check("--no-verify-checksum", "an sftp:// SOURCE (a restore)", sftp_source);
+  check("--discard", "block-device destinations", any([](const Target& t) {
+          struct stat st {};
+          return ::stat(t.dest.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
+        }));
+  check("--no-sync", "file and block-device destinations",
+        any([](const Target& t) { return t.dest != "-" && !sftp::is_sftp_url(t.dest); }));
+}
+
+// A block device cannot be left untouched by a failed restore: by the time the last byte of the
+// backup shows that it does not match its checksum, the device holds what was written.
+void warn_if_device_suspect(const std::string& dest, const std::exception_ptr& error) {
+  struct stat st {};
+  if (::stat(dest.c_str(), &st) != 0 || !S_ISBLK(st.st_mode)) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const ChecksumMismatch&) {
+    fmt::print(stderr,
+               "diskferry: {}: WARNING: this block device now holds data from a backup that "
+               "failed its checksum: its contents are suspect, do not use them\n",
+               dest);
+  } catch (...) {
+  }
 }
 
 }  // namespace
@@ -359,12 +450,20 @@ Run add_convert(CLI::App& app) {
                 "for several outputs");
   c->add_option("--to", *tos,
                 "Another output with its own options: FORMAT[,KEY=VALUE...]:DEST, e.g. "
-                "vhdx,block-size=1M:vm.vhdx (repeat)");
+                "vhdx,block-size=1M:vm.vhdx or qcow2,compress=zstd:9:sftp://box/vm.qcow2.zst "
+                "(compress takes NAME[:LEVEL]; a DEST that looks like a leftover option, "
+                "9:x or KEY=VALUE, is refused: write ./9:x) (repeat)");
   remote->add(*c);
   remote->add_device_options(*c);
-  return [args, remote, dests, tos]() {
+  c->add_flag("--no-verify-checksum", args->no_verify_checksum,
+              "Restoring from sftp://: do not check the backup against NAME.sha256 beside it. By "
+              "default every byte read is hashed and a mismatch fails the restore before DEST "
+              "is published (a file DEST is not left behind; a block device, already written, "
+              "is reported as suspect); a backup without a sidecar is restored with a warning");
+  return [c, args, remote, dests, tos]() {
     ConvertOptions o = args->options();
     auto ts = targets(*args, *dests, *tos, o.threads);
+    refuse_unused_options(*c, *args, ts, dests->size());
     auto src = args->open(ts[0].spec.writer.format == ImageFormat::Asis, remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
@@ -381,6 +480,7 @@ Run add_convert(CLI::App& app) {
       const auto& r = results[i].result;
       const std::string& dest = ts[i].dest;
       if (results[i].error) {
+        warn_if_device_suspect(dest, results[i].error);
         if (!first) first = results[i].error;
         if (ts.size() > 1) {
           try {
@@ -418,9 +518,10 @@ Run add_measure(CLI::App& app) {
       "Example: diskferry measure vm.img -O qcow2 --qcow2-compression zstd --json");
   args->add(*c, false);
   c->add_flag("--json", *json, "Print {\"size\": N, ...} as JSON");
-  return [args, json]() {
+  return [c, args, json]() {
     ConvertOptions o = args->options();
     OutputSpec s = args->spec(o);
+    refuse_unused_options(*c, *args, {Target{"-", s}}, 1);
     o.writer = s.writer;
     o.compress = s.compress;
     o.container = s.container;

@@ -123,6 +123,7 @@ class Digest {
 // Where everything goes, derived from the virtual size and the allocated blocks alone.
 struct Layout {
   uint64_t vsize = 0;
+  uint32_t block_size = 0;  // the option's, except for an empty disk
   uint64_t nblocks = 0;
   uint64_t bat_entries = 0;
   uint64_t data_end = 0;
@@ -281,6 +282,7 @@ class VhdxWriter final : public FormatWriter {
     check_size(vsize);
     Layout l;
     l.vsize = vsize;
+    l.block_size = bs_;
     l.nblocks = div_round_up(vsize, bs_);
     if (!allocs_.runs().empty()) {
       const auto& last = allocs_.runs().back();
@@ -295,14 +297,15 @@ class VhdxWriter final : public FormatWriter {
     if (l.nblocks == 0) {
       // An empty disk has no BAT entries, which MS-VHDX allows, but QEMU (7.2 and later alike)
       // computes the entry count in uint32_t as nblocks + ((nblocks - 1) >> log2(chunk_ratio)),
-      // which wraps for 0 blocks, and refuses the image unless the BAT region is that large; its
-      // own empty images carry such a BAT. The spec only sets a minimum region size, so give QEMU
-      // the room, as zeros (holes in files): 8 MiB for 1 MiB blocks, 256 MiB for 32 MiB blocks,
-      // 1 GiB for 128 MiB blocks. With 256 MiB blocks it would be 2 GiB, which QEMU cannot read
-      // in one request (it cannot create such an image either), so there the minimal region is
-      // written and QEMU rejects the image. libvhdi rejects every empty VHDX, QEMU's included.
-      uint64_t qemu_bat = round_up((UINT32_MAX >> std::countr_zero(chunk_ratio_)) * 8, kMiB);
-      if (qemu_bat <= (1ull << 30)) l.bat_length = qemu_bat;
+      // which wraps for 0 blocks, and refuses the image unless the BAT region is that large:
+      // 8 MiB per MiB of block size (its own empty images carry such a BAT, written out). The
+      // spec only sets a minimum region size, and an empty disk's block size holds no data, so
+      // it gets the smallest, 1 MiB: an 8 MiB BAT of zeros (holes in a file) instead of 256 MiB
+      // with 32 MiB blocks, or 2 GiB with 256 MiB blocks, which QEMU cannot read in one request.
+      // libvhdi rejects every empty VHDX, QEMU's included.
+      l.block_size = static_cast<uint32_t>(kMiB);
+      const uint64_t chunk_ratio = kMaxSectorsPerBlock * kLogicalSector / l.block_size;
+      l.bat_length = round_up((UINT32_MAX >> std::countr_zero(chunk_ratio)) * 8, kMiB);
     }
     if (l.bat_length > UINT32_MAX)
       throw Error(ErrorKind::Format, "vhdx: block allocation table too large");
@@ -316,7 +319,7 @@ class VhdxWriter final : public FormatWriter {
     // sizes or allocation still get different IDs.
     Digest d;
     d.add(vsize);
-    d.add(bs_);
+    d.add(l.block_size);
     d.add(allocs_.runs().size());
     for (const auto& r : allocs_.runs()) {
       d.add(r.first);
@@ -429,7 +432,7 @@ class VhdxWriter final : public FormatWriter {
       put_le32(e + 20, items[i].length);
       put_le32(e + 24, items[i].flags);
     }
-    put_le32(p + offsets[0], bs_);  // BlockSize; flags 0: dynamic, no parent
+    put_le32(p + offsets[0], layout_.block_size);  // BlockSize; flags 0: dynamic, no parent
     put_le64(p + offsets[1], layout_.vsize);
     put_guid(p + offsets[2], layout_.disk_id);
     put_le32(p + offsets[3], kLogicalSector);

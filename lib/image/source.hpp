@@ -72,6 +72,9 @@ struct SourceOptions {
   // Show on stderr the passes a source makes before the conversion's own (the table passes of
   // a qcow2 inside .zst/.gz), and which data pass is running.
   bool progress = false;
+  // A restore: check the bytes of an sftp:// SOURCE against its NAME.sha256 sidecar (missing:
+  // a warning), failing the pass that reads the last byte when they differ.
+  bool verify_checksum = false;
 };
 
 // "raw", "qcow2" or "vhdx" (as --source-format takes it). Throws Error(Usage) otherwise.

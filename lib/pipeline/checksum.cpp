@@ -2,7 +2,9 @@
 
 #include <fmt/format.h>
 #include <openssl/evp.h>
+#include <algorithm>
 #include <array>
+#include <cctype>
 
 #include "util/error.hpp"
 
@@ -93,6 +95,27 @@ void Sha256::update(Bytes data) {
 
 std::string Sha256::hex() {
   return finish_hex(c_->ctx.get());
+}
+
+std::optional<std::string> parse_sha256_sidecar(const std::string& text, const std::string& name,
+                                                std::string& why) {
+  auto nl = text.find('\n');
+  std::string line = text.substr(0, nl);
+  if (line.size() < 66 || line[64] != ' ' || (line[65] != ' ' && line[65] != '*')) {
+    why = "is not in sha256sum format";
+    return std::nullopt;
+  }
+  std::string hex = line.substr(0, 64);
+  if (!std::all_of(hex.begin(), hex.end(), [](char c) { return std::isxdigit(c) != 0; })) {
+    why = "does not start with a SHA-256";
+    return std::nullopt;
+  }
+  if (line.substr(66) != name) {
+    why = fmt::format("names {}, not {}", line.substr(66), name);
+    return std::nullopt;
+  }
+  std::transform(hex.begin(), hex.end(), hex.begin(), [](char c) { return std::tolower(c); });
+  return hex;
 }
 
 }  // namespace diskferry

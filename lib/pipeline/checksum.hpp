@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "transport/sink.hpp"
@@ -16,6 +17,11 @@ std::unique_ptr<Sink> make_sha256_sink(std::unique_ptr<Sink> inner, std::string*
 
 // Hex SHA-256 of a byte range (tests, sidecars).
 std::string sha256_hex(Bytes data);
+
+// The SHA-256 in a NAME.sha256 sidecar ("HEX  NAME", sha256sum's format, text or binary mode
+// marker), lower case; nullopt with `why` set when the text is not that for `name`.
+std::optional<std::string> parse_sha256_sidecar(const std::string& text, const std::string& name,
+                                                std::string& why);
 
 // Incremental SHA-256 (verify hashes what it downloads).
 class Sha256 {

@@ -76,28 +76,6 @@ std::string base_name(const std::string& path) {
   return s == std::string::npos ? path : path.substr(s + 1);
 }
 
-// "HEX  NAME" (sha256sum's format, text or binary mode marker).
-std::optional<std::string> parse_sidecar(const std::string& text, const std::string& name,
-                                         std::string& why) {
-  auto nl = text.find('\n');
-  std::string line = text.substr(0, nl);
-  if (line.size() < 66 || line[64] != ' ' || (line[65] != ' ' && line[65] != '*')) {
-    why = "is not in sha256sum format";
-    return std::nullopt;
-  }
-  std::string hex = line.substr(0, 64);
-  if (!std::all_of(hex.begin(), hex.end(), [](char c) { return std::isxdigit(c) != 0; })) {
-    why = "does not start with a SHA-256";
-    return std::nullopt;
-  }
-  if (line.substr(66) != name) {
-    why = fmt::format("names {}, not {}", line.substr(66), name);
-    return std::nullopt;
-  }
-  std::transform(hex.begin(), hex.end(), hex.begin(), [](char c) { return std::tolower(c); });
-  return hex;
-}
-
 }  // namespace
 
 VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& options,
@@ -291,7 +269,7 @@ VerifyReport verify_remote(const sftp::Url& url, const sftp::ReadOptions& option
     r.problem = fmt::format("{}: no {} to compare the checksum with", name, base_name(side.path));
     return r;
   }
-  auto want = parse_sidecar(*sidecar, base_name(url.path), why);
+  auto want = parse_sha256_sidecar(*sidecar, base_name(url.path), why);
   if (!want) {
     r.status = VerifyStatus::ChecksumMismatch;
     r.problem = fmt::format("{}: {}", side.str(), why);

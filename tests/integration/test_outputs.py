@@ -170,6 +170,69 @@ class Outputs(unittest.TestCase):
                 for left in ("x", "x.partial", "s", "s.partial", "y"):
                     self.assertFalse(os.path.exists(self.p(left)), left)
 
+    def test_to_takes_a_compression_level(self):
+        # The same bytes as -O/-o at that level, and not those of the default level.
+        for comp, name, default in (("zstd:9", "lv.vhdx.zst", "zstd"),
+                                    ("gzip:1", "lv.vhdx.gz", "gzip")):
+            with self.subTest(comp=comp):
+                ok(run(DF, "convert", self.top, "--no-progress",
+                       "--to", f"vhdx,compress={comp},block-size=1M:{name}", cwd=self.dir))
+                self.assertEqual(
+                    sha(self.p(name)),
+                    sha(self.single(name, "-O", "vhdx", "--block-size", "1M", "--compress", comp)))
+                self.assertNotEqual(
+                    sha(self.p(name)),
+                    sha(self.single("d-" + name, "-O", "vhdx", "--block-size", "1M",
+                                    "--compress", default)))
+                self.assertFalse(os.path.exists(self.p(comp.split(":")[1] + ":" + name)))
+
+    def test_to_refuses_a_dest_that_looks_like_a_leftover_option(self):
+        for to, dest in (("qcow2:compress=zstd:lo.qcow2", "compress=zstd:lo.qcow2"),
+                         ("qcow2,cluster-size=64K:9:lo.qcow2", "9:lo.qcow2"),
+                         ("vhdx,block-size=1M:compress=gzip", "compress=gzip")):
+            with self.subTest(to=to):
+                p = run(DF, "convert", self.top, "--no-progress", "--to", to, cwd=self.dir)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertIn("looks like a leftover option", p.stderr)
+                self.assertIn(dest, p.stderr)
+                self.assertFalse(os.path.exists(self.p(dest)))
+                self.assertFalse(os.path.exists(self.p(dest + ".partial")))
+        # ./NAME: a file of that name after all.
+        ok(run(DF, "convert", self.top, "--no-progress", "--to", "raw:./9:odd.img",
+               cwd=self.dir))
+        self.assertEqual(run("cmp", self.raw, self.p("9:odd.img")).returncode, 0)
+
+    def test_options_that_apply_to_no_output_are_refused(self):
+        for args, name in (
+                (["-O", "raw", "--cluster-size", "4K", "-o", "x"], "--cluster-size"),
+                (["-O", "qcow2", "--block-size", "1M", "-o", "x"], "--block-size"),
+                (["-O", "vhdx", "-o", "x", "-O", "raw", "-o", "y", "--cluster-size", "64K"],
+                 "--cluster-size"),
+                (["-O", "qcow2", "--streams", "2", "-o", "x"], "--streams"),
+                (["-O", "qcow2", "--identity", "/dev/null", "-o", "x"], "--identity"),
+                (["-O", "qcow2", "--retries", "3", "-o", "x"], "--retries"),
+                (["-O", "qcow2", "--no-verify-checksum", "-o", "x"], "--no-verify-checksum"),
+                (["-O", "qcow2", "--discard", "-o", "x"], "--discard"),
+                (["--to", "qcow2,container=tar:x", "--container-file", "vm.ovf"],
+                 "--container-file")):
+            with self.subTest(args=args):
+                p = run(DF, "convert", self.top, "--no-progress", *args, cwd=self.dir)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertIn(name + " applies to", p.stderr)
+                for left in ("x", "x.partial", "y"):
+                    self.assertFalse(os.path.exists(self.p(left)), left)
+        p = run(DF, "measure", self.top, "-O", "raw", "--cluster-size", "4K")
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("--cluster-size applies to", p.stderr)
+        # Given where one output uses it: fine, as is the default value given explicitly for
+        # a --to output that takes it.
+        ok(run(DF, "convert", self.top, "--no-progress", "--block-size", "1M", "-O", "qcow2",
+               "-o", self.p("ap.qcow2"), "--to", "vhdx:" + self.p("ap.vhdx")))
+        self.assertEqual(sha(self.p("ap.vhdx")),
+                         sha(self.single("ap.vhdx", "-O", "vhdx", "--block-size", "1M")))
+
     def test_ova_reads_back_with_tar(self):
         ova = self.p("vm.ova")
         ok(run(DF, "convert", self.top, "--no-progress", "-O", "qcow2", "--container", "tar",
@@ -301,6 +364,19 @@ class OutputsOverSftp(unittest.TestCase):
             c = run("qemu-img", "compare", "-f", "raw", "-F", fmt, self.src, path)
             self.assertEqual(c.returncode, 0, c.stdout + c.stderr)
         self.assertEqual(sorted(os.listdir(os.path.dirname(remote))), ["vm.ova", "vm.ova.sha256"])
+
+    def test_to_with_a_level_uploads_to_sftp(self):
+        kh = self.server.write_known_hosts(os.path.join(self.dir, "kh-direct"))
+        url = self.server.url("/backups/lv/lv.qcow2.zst")
+        p = run(DF, "convert", self.src, "--no-progress", "--identity", self.server.client_key,
+                "--known-hosts", os.path.join(self.dir, "kh-direct"),
+                "--to", "qcow2,compress=zstd:3:" + url, cwd=self.dir)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(os.listdir(self.dir).count("3:sftp:"), 0)
+        local = os.path.join(self.dir, "lv.qcow2.zst")
+        ok(run(DF, "convert", self.src, "--no-progress", "-O", "qcow2", "--compress", "zstd:3",
+               "-o", local))
+        self.assertEqual(sha(os.path.join(self.server.backups, "lv", "lv.qcow2.zst")), sha(local))
 
 
 if __name__ == "__main__":

@@ -321,6 +321,114 @@ class Restore(unittest.TestCase):
                     os.unlink(out)
             self.assertTrue(any(c.cut for c in px.connections), "the proxy cut nothing")
 
+    def damaged_copy(self, name, change=None):
+        """NAME with its sidecar in /backups/r/damaged/, a byte in its middle flipped (or its
+        bytes replaced by those of `change`); the URL."""
+        d = os.path.join(self.remote, "damaged")
+        os.makedirs(d, exist_ok=True)
+        os.chown(d, self.server.uid, self.server.gid)
+        path = os.path.join(d, name)
+        shutil.copy(os.path.join(self.remote, change or name), path)
+        shutil.copy(os.path.join(self.remote, name + ".sha256"), path + ".sha256")
+        if not change:
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 2)
+                b = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([b[0] ^ 0x40]))
+        for p in (path, path + ".sha256"):
+            os.chown(p, self.server.uid, self.server.gid)
+        return self.server.url(f"/backups/r/damaged/{name}")
+
+    def test_a_backup_that_does_not_match_its_sidecar_is_not_restored(self):
+        # Plain images are read by random access (the hash follows the reads and fetches what
+        # they skip), raw and compressed ones as streams. A flipped byte inside a .zst is found
+        # by zstd itself; a .qcow2.zst replaced by another backup decodes fine.
+        for name, change in (("disk.vhdx", None), ("plain.qcow2", None), ("disk.raw", None),
+                             ("zstdc.qcow2", None), ("disk.qcow2.zst", "zstdc.qcow2.zst"),
+                             ("disk.vhdx.zst", "disk.vhdx.gz")):
+            for fmt in ("raw", "qcow2"):
+                with self.subTest(name=name, fmt=fmt):
+                    url = self.damaged_copy(name, change)
+                    out = os.path.join(self.dir, "damaged.out")
+                    p = self.restore(name, fmt, out, url=url)
+                    self.assertEqual(p.returncode, 1, p.stderr)
+                    self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                    self.assertIn("checksum", p.stderr)
+                    self.assertIn(url, p.stderr)
+                    self.assertFalse(os.path.exists(out))
+                    self.assertFalse(os.path.exists(out + ".partial"))
+            with self.subTest(name=name, no_verify=True):
+                p = self.restore(name, "raw", out, url=url, extra=["--no-verify-checksum"])
+                if change:  # another image: restored as it is
+                    self.assertEqual(p.returncode, 0, p.stderr)
+                    self.assertEqual(p.stderr, "")
+                if os.path.exists(out):
+                    os.unlink(out)
+
+    def test_a_flipped_byte_inside_zstd_fails_in_one_line(self):
+        url = self.damaged_copy("disk.raw.zst")
+        out = os.path.join(self.dir, "flipped.img")
+        p = self.restore("disk.raw.zst", "raw", out, url=url)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn(url, p.stderr)
+        self.assertFalse(os.path.exists(out))
+        self.assertFalse(os.path.exists(out + ".partial"))
+
+    def test_a_damaged_backup_is_restored_with_no_verify_checksum(self):
+        for name in ("disk.raw", "disk.vhdx", "plain.qcow2"):
+            with self.subTest(name=name):
+                url = self.damaged_copy(name)
+                out = os.path.join(self.dir, "unchecked.img")
+                p = self.restore(name, "raw", out, url=url, extra=["--no-verify-checksum"])
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertEqual(p.stderr, "")
+                self.assertNotEqual(run("cmp", "-s", self.src, out).returncode, 2)
+                os.unlink(out)
+
+    def test_a_backup_without_a_sidecar_is_restored_with_a_warning(self):
+        for name in ("qemu.qcow2", "qemu.qcow2.zst"):
+            with self.subTest(name=name):
+                out = os.path.join(self.dir, "nosidecar.img")
+                p = self.restore(name, "raw", out)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                lines = p.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, p.stderr)
+                self.assertIn("warning", lines[0])
+                self.assertIn(f"no {name}.sha256", lines[0])
+                self.assertEqual(run("cmp", self.src, out).returncode, 0)
+                os.unlink(out)
+
+    def test_an_intact_backup_restores_without_a_word(self):
+        for name in ("disk.vhdx", "plain.qcow2", "disk.raw", "disk.qcow2.zst"):
+            with self.subTest(name=name):
+                out = os.path.join(self.dir, "intact.img")
+                p = self.restore(name, "raw", out)
+                self.assertEqual((p.returncode, p.stderr), (0, ""))
+                self.assertEqual(run("cmp", self.src, out).returncode, 0)
+                os.unlink(out)
+
+    def test_a_damaged_backup_on_a_block_device_is_reported_suspect(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root for loop devices")
+        backing = os.path.join(self.dir, "suspect.bin")
+        with open(backing, "wb") as f:
+            f.truncate(os.path.getsize(self.src))
+        p = run("losetup", "-f", "--show", backing)
+        if p.returncode != 0:
+            self.skipTest("no loop device: " + p.stderr.strip())
+        dev = p.stdout.strip()
+        try:
+            url = self.damaged_copy("disk.raw")
+            p = self.restore("disk.raw", "raw", dev, url=url)
+            self.assertEqual(p.returncode, 1, p.stderr)
+            self.assertIn("checksum", p.stderr)
+            self.assertIn(f"{dev}: WARNING", p.stderr)
+            self.assertIn("suspect", p.stderr)
+        finally:
+            run("losetup", "-d", dev)
+
     def test_what_cannot_be_restored_yet_is_refused(self):
         for name, words in (("overlay.qcow2", "has a backing file"),
                             ("missing.qcow2", "no such file")):

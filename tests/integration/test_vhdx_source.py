@@ -205,6 +205,35 @@ class VhdxSources(unittest.TestCase):
                     os.unlink(f)
 
 
+    def test_an_empty_disk_opens_in_qemu_at_every_block_size(self):
+        # QEMU needs a BAT region of 8 MiB per MiB of block size for an empty VHDX (its entry
+        # count wraps); an empty disk is written with 1 MiB blocks: 11 MiB in a file and through
+        # a pipe, at every block size (with 256M QEMU could not read the 2 GiB BAT at all).
+        empty = self.p("empty.raw")
+        open(empty, "wb").close()
+        for bs in ("1M", "2M", "4M", "8M", "16M", "32M", "64M", "128M", "256M"):
+            with self.subTest(block_size=bs):
+                out, piped = self.p("empty.vhdx"), self.p("empty-pipe.vhdx")
+                run(DF, "convert", empty, "-O", "vhdx", "--block-size", bs, "--no-progress",
+                    "-o", out)
+                with open(piped, "wb") as f:
+                    run(DF, "convert", empty, "-O", "vhdx", "--block-size", bs,
+                        "--no-progress", "-o", "-", stdout=f)
+                self.assertEqual(run("cmp", out, piped, check=False).returncode, 0)
+                self.assertLessEqual(os.path.getsize(piped), 11 * MiB)
+                for cmd in (["qemu-img", "info", "-f", "vhdx", out],
+                            ["qemu-img", "check", "-f", "vhdx", out],
+                            ["qemu-img", "compare", "-f", "raw", "-F", "vhdx", empty, out]):
+                    p = run(*cmd, check=False)
+                    self.assertEqual(p.returncode, 0,
+                                     f"{cmd[1]}: {p.stdout.decode()}{p.stderr.decode()}")
+                back = self.p("empty-back.raw")
+                run(DF, "convert", out, "-O", "raw", "--no-progress", "-o", back)
+                self.assertEqual(os.path.getsize(back), 0)
+                for f in (out, piped, back):
+                    os.unlink(f)
+
+
 class HostileVhdx(unittest.TestCase):
     """Each refusal: exit 1, one line naming the file and the cause, nothing left behind."""
 

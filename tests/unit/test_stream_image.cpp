@@ -2,10 +2,14 @@
 // from captured ranges or the stream, restarting it only when a read lies behind what it keeps.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <random>
 #include <vector>
 
+#include "image/checked_source.hpp"
 #include "image/stream_image.hpp"
+#include "pipeline/checksum.hpp"
 #include "util/error.hpp"
 
 using namespace diskferry;
@@ -82,4 +86,56 @@ TEST_CASE("restartable stream: a stream that fails to decode fails the read") {
   RestartableStream s("mem", [] { return std::make_unique<Broken>(); });
   std::vector<std::byte> b(10);
   CHECK_THROWS_WITH(s.read_at(0, b), "mem: corrupt");
+}
+
+TEST_CASE("HashedReadAt: every byte is hashed once and in order, whatever the reads") {
+  std::vector<std::byte> file(40u << 20);
+  std::mt19937_64 rng(7);
+  for (auto& b : file) b = static_cast<std::byte>(rng());
+  uint64_t fetched = 0;
+  ReadAt inner = [&](MutableBytes buf, uint64_t off) {
+    size_t n = off >= file.size() ? 0 : std::min<size_t>(buf.size(), file.size() - off);
+    std::memcpy(buf.data(), file.data() + off, n);
+    fetched += n;
+    return n;
+  };
+  const ExpectedSha256 good{"f", "f.sha256", sha256_hex(file)};
+  constexpr uint64_t MiB = 1u << 20;
+  // Reads of [offset, +length) in the order an image reader might make them.
+  std::vector<std::pair<std::string, std::vector<std::pair<uint64_t, uint64_t>>>> orders;
+  orders.push_back({"none", {}});
+  std::vector<std::pair<uint64_t, uint64_t>> forward, planned, shuffled;
+  forward.push_back({39 * MiB, 65536});  // a table at the end first
+  for (uint64_t o = 65536; o + MiB <= 39 * MiB; o += MiB) forward.push_back({o, MiB});
+  orders.push_back({"forward after a header and a far table", forward});
+  for (uint64_t o = 0; o < 38 * MiB; o += 4 * MiB)  // later units' bytes before earlier ones'
+    for (uint64_t k : {3, 1, 2, 0}) planned.push_back({o + k * MiB, MiB});
+  orders.push_back({"planned ahead", planned});
+  for (uint64_t o = 0; o < 40 * MiB; o += MiB) shuffled.push_back({o, MiB});
+  std::shuffle(shuffled.begin(), shuffled.end(), rng);
+  orders.push_back({"shuffled", shuffled});
+  for (const auto& [label, reads] : orders) {
+    CAPTURE(label);
+    HashedReadAt h(inner, file.size(), good);
+    fetched = 0;
+    h.begin();
+    uint64_t asked = 0;
+    for (auto [off, len] : reads) {
+      std::vector<std::byte> b(len);
+      REQUIRE(h.read(b, off) == len);
+      CHECK(std::memcmp(b.data(), file.data() + off, len) == 0);
+      asked += len;
+    }
+    CHECK_NOTHROW(h.finish());
+    CHECK(fetched <= asked + file.size());
+    if (label == "none")
+      CHECK(fetched == file.size());
+    else if (label != "shuffled")
+      CHECK(fetched <= asked + 2 * MiB);  // at most a header and tables more
+  }
+  HashedReadAt bad(inner, file.size(), {"f", "f.sha256", std::string(64, '0')});
+  bad.begin();
+  std::vector<std::byte> b(MiB);
+  bad.read(b, 5 * MiB);
+  CHECK_THROWS_AS(bad.finish(), ChecksumMismatch);
 }
