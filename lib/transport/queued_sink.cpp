@@ -48,6 +48,7 @@ class QueuedSink final : public Sink {
     drain();  // the sending thread is idle then, and the call happens on this one
     inner_->expect_size(n);
   }
+  std::optional<uint64_t> capacity() const override { return inner_->capacity(); }
   void commit() override {
     drain();
     stop();
