@@ -33,9 +33,9 @@ void refuse_input_as_destination(const std::optional<FileIdentity>& dest,
   for (const auto& in : inputs) {
     if (dest->same_file(in))
       throw Error(ErrorKind::Usage,
-                  fmt::format("{}: is the same file as {}; writing it would destroy it: name "
+                  fmt::format("{}: is the same {} as {}; writing it would destroy it: name "
                               "another destination",
-                              dest_name, in.name));
+                              dest_name, in.block ? "device" : "file", in.name));
     if (dest->holds(in))
       throw Error(ErrorKind::Usage,
                   fmt::format("{}: is the block device holding {}, which this run reads; "
