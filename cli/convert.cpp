@@ -394,6 +394,16 @@ void warn_if_device_suspect(const std::string& dest, const std::exception_ptr& e
   }
 }
 
+// Every local file the run reads: no destination may be one of them.
+FileIdentities input_files(const ImageArgs& a, const Source& src, const std::vector<Target>& ts) {
+  FileIdentities in = src.files();
+  if (auto layout = identify_path(a.layout, "the --layout file " + a.layout)) in.push_back(*layout);
+  for (const auto& t : ts)
+    for (const auto& m : t.spec.container.files)
+      if (m.file) in.push_back(*m.file);
+  return in;
+}
+
 }  // namespace
 
 Run add_convert(CLI::App& app) {
@@ -467,13 +477,25 @@ Run add_convert(CLI::App& app) {
     auto src = args->open(ts[0].spec.writer.format == ImageFormat::Asis, remote.get());
     remote->apply_transfer_options(o);
     o.on_retry = [](const std::string& m) { fmt::print(stderr, "diskferry: warning: {}\n", m); };
+    // A destination the command itself gets wrong (malformed, a directory, an input of the
+    // run, being written by another run: Error(Usage)) stops the run before anything is read;
+    // one that cannot be opened for another reason (permissions) fails alone.
+    const FileIdentities inputs = input_files(*args, *src, ts);
     std::vector<std::unique_ptr<Destination>> ds;
     std::vector<Output> outs;
-    for (auto& t : ts) {
-      ds.push_back(remote->open(t.dest));
-      outs.push_back({t.spec, ds.back().get()});
+    std::vector<OutputOutcome> results(ts.size());
+    for (size_t i = 0; i < ts.size(); ++i) {
+      try {
+        ds.push_back(remote->open(ts[i].dest, inputs, args->source));
+        outs.push_back({ts[i].spec, ds.back().get()});
+      } catch (const Error& e) {
+        if (e.kind() == ErrorKind::Usage) throw;
+        results[i].error = std::current_exception();
+      }
     }
-    auto results = convert_many(*src, outs, o);
+    auto done = outs.empty() ? std::vector<OutputOutcome>{} : convert_many(*src, outs, o);
+    for (size_t i = 0, k = 0; i < ts.size(); ++i)
+      if (!results[i].error) results[i] = std::move(done[k++]);
     int failed = 0;
     std::exception_ptr first;
     for (size_t i = 0; i < ts.size(); ++i) {

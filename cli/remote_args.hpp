@@ -122,11 +122,22 @@ struct RemoteArgs {
     }
   }
 
-  std::unique_ptr<Destination> open(const std::string& dest) const {
+  // `inputs`: the local files the run reads; `source`: SOURCE as given. Neither may be the
+  // destination (Error(Usage)).
+  std::unique_ptr<Destination> open(const std::string& dest, const FileIdentities& inputs,
+                                    const std::string& source) const {
     if (!sftp::is_sftp_url(dest))
       return make_single_destination(dest == "-" ? "stdout" : dest,
-                                     open_file_sink(dest, {discard, !no_sync}));
-    return sftp::open_sftp_destination(sftp::parse_url(dest), sink_options());
+                                     open_file_sink(dest, {discard, !no_sync, inputs}));
+    sftp::Url url = sftp::parse_url(dest);
+    // Only the URLs are compared: an alias and its host name, or /~/ and the absolute path,
+    // would take a connection to tell apart.
+    if (sftp::is_sftp_url(source) && sftp::parse_url(source).str() == url.str())
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{}: is also the source of this run; uploading to it while "
+                              "restoring from it would destroy it: name another destination",
+                              dest));
+    return sftp::open_sftp_destination(url, sink_options());
   }
 };
 

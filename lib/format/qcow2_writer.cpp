@@ -68,6 +68,12 @@ class Qcow2Writer final : public FormatWriter {
     have_plan_ = true;
   }
   uint64_t planned_size() const override { return layout_.file_end; }
+  uint64_t max_size(uint64_t source_size) const override {
+    uint64_t vclusters = div_round_up(virtual_disk_size(source_size), cs_);
+    return layout_after_data(virtual_disk_size(source_size), cs_ * (1 + vclusters),
+                             div_round_up(vclusters, l2e_))
+        .file_end;
+  }
 
   void begin(Sink& sink, bool planned) override {
     sink_ = &sink;
@@ -252,17 +258,23 @@ class Qcow2Writer final : public FormatWriter {
   Placement placement() const { return Placement(*this); }
 
   Layout compute_layout(uint64_t vsize) const {
-    Layout l;
     auto p = placement();
     while (p.next()) {
     }
-    l.data_end = p.end();
-    uint64_t last_l1 = UINT64_MAX;
+    uint64_t l2_tables = 0, last_l1 = UINT64_MAX;
     for (auto& r : allocs_.runs()) {
       uint64_t a = r.first / l2e_, b = (r.first + r.count - 1) / l2e_;
-      l.l2_tables += b - a + 1 - (a == last_l1 ? 1 : 0);
+      l2_tables += b - a + 1 - (a == last_l1 ? 1 : 0);
       last_l1 = b;
     }
+    return layout_after_data(vsize, p.end(), l2_tables);
+  }
+
+  // The tables after a data area ending at `data_end` that needs `l2_tables` L2 tables.
+  Layout layout_after_data(uint64_t vsize, uint64_t data_end, uint64_t l2_tables) const {
+    Layout l;
+    l.data_end = data_end;
+    l.l2_tables = l2_tables;
     uint64_t vclusters = div_round_up(vsize, cs_);
     l.l1_size = div_round_up(vclusters, l2e_);
     if (l.l1_size > (1u << 28))

@@ -20,6 +20,7 @@ class RawWriter final : public FormatWriter {
   void plan(uint64_t, Bytes) override {}
   void end_plan(uint64_t source_size) override { size_ = output_size(source_size); }
   uint64_t planned_size() const override { return size_; }
+  uint64_t max_size(uint64_t source_size) const override { return output_size(source_size); }
 
   void begin(Sink& sink, bool) override {
     sink_ = &sink;

@@ -185,6 +185,7 @@ ContainerMember read_container_file(const std::string& path) {
   auto slash = path.rfind('/');
   m.name = slash == std::string::npos ? path : path.substr(slash + 1);
   m.mtime = st.st_mtime;
+  m.file = identify_fd(fd.get(), "the --container-file " + path);
   m.data.resize(static_cast<size_t>(st.st_size));
   size_t got = 0;
   while (got < m.data.size()) {

@@ -6,10 +6,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "transport/sink.hpp"
+#include "util/file_identity.hpp"
 
 namespace diskferry {
 
@@ -17,6 +19,7 @@ struct ContainerMember {
   std::string name;  // the member's name in the archive
   std::string data;  // its bytes (descriptors, manifests: small files read once)
   int64_t mtime = 0;
+  std::optional<FileIdentity> file{};  // the file it was read from, which no output may replace
 };
 
 struct ContainerOptions {

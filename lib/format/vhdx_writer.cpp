@@ -153,6 +153,10 @@ class VhdxWriter final : public FormatWriter {
     have_plan_ = true;
   }
   uint64_t planned_size() const override { return layout_.file_end; }
+  uint64_t max_size(uint64_t source_size) const override {
+    uint64_t vsize = virtual_disk_size(source_size);
+    return compute_layout(vsize, div_round_up(vsize, bs_)).file_end;
+  }
 
   void begin(Sink& sink, bool planned) override {
     sink_ = &sink;
@@ -278,7 +282,8 @@ class VhdxWriter final : public FormatWriter {
     host_pos_ += n;
   }
 
-  Layout compute_layout(uint64_t vsize) const {
+  // `allocated`: payload blocks stored (default: those planned or written).
+  Layout compute_layout(uint64_t vsize, std::optional<uint64_t> allocated = std::nullopt) const {
     check_size(vsize);
     Layout l;
     l.vsize = vsize;
@@ -291,7 +296,7 @@ class VhdxWriter final : public FormatWriter {
     }
     // Dynamic disk: a sector-bitmap entry after every chunk_ratio payload entries, none at the end.
     l.bat_entries = l.nblocks == 0 ? 0 : l.nblocks + (l.nblocks - 1) / chunk_ratio_;
-    l.data_end = kDataStart + allocs_.total() * bs_;
+    l.data_end = kDataStart + allocated.value_or(allocs_.total()) * bs_;
     l.bat_offset = l.data_end;
     l.bat_length = std::max(kMiB, round_up(l.bat_entries * 8, kMiB));
     if (l.nblocks == 0) {

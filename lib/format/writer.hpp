@@ -49,6 +49,9 @@ class FormatWriter {
   virtual void end_plan(uint64_t source_size) = 0;
   // Exact size of the output file; valid after end_plan().
   virtual uint64_t planned_size() const = 0;
+  // The largest output a source of `source_size` bytes can give (every cluster or block
+  // holding data, none compressed); exact for raw. Checks a fixed-size destination up front.
+  virtual uint64_t max_size(uint64_t source_size) const = 0;
 
   // Writing pass. planned=true after a planning pass over the same bytes; otherwise the sink
   // must support_rewrite() (qcow2/vhdx) and the header is rewritten in finish().

@@ -15,30 +15,31 @@
 namespace diskferry {
 namespace {
 
-struct FileId {
-  dev_t dev;
-  ino_t ino;
-  auto operator<=>(const FileId&) const = default;
-};
-
 // Size and identity of an open regular file or block device. Anything else (a FIFO, a
 // character device) is refused: a backing file must be read at random offsets.
-std::pair<uint64_t, FileId> stat_image(int fd, const std::string& name) {
+std::pair<uint64_t, FileIdentity> stat_image(int fd, const std::string& name) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) throw_errno(ErrorKind::Input, name, "cannot stat", errno);
-  uint64_t size = 0;
-  if (S_ISREG(st.st_mode)) {
-    size = static_cast<uint64_t>(st.st_size);
-  } else if (S_ISBLK(st.st_mode)) {
-    if (::ioctl(fd, BLKGETSIZE64, &size) != 0)
-      throw_errno(ErrorKind::Input, name, "cannot get block device size", errno);
-  } else {
+  auto id = identify_fd(fd, name);
+  if (!id)
     throw Error(
         ErrorKind::Input,
         fmt::format("{}: not a regular file or block device, cannot be read as an image", name));
-  }
-  return {size, FileId{st.st_dev, st.st_ino}};
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (id->block && ::ioctl(fd, BLKGETSIZE64, &size) != 0)
+    throw_errno(ErrorKind::Input, name, "cannot get block device size", errno);
+  return {size, *id};
 }
+
+// One file of a chain, by identity (a block device by its device number).
+struct FileKey {
+  bool block;
+  dev_t dev;
+  ino_t ino;
+  explicit FileKey(const FileIdentity& f)
+      : block(f.block), dev(f.block ? f.rdev : f.dev), ino(f.block ? 0 : f.ino) {}
+  auto operator<=>(const FileKey&) const = default;
+};
 
 std::vector<uint64_t> read_l1(const ChainLayer& l) {
   const Qcow2Header& h = *l.qcow2;
@@ -75,6 +76,17 @@ void open_qcow2_layer(ChainLayer& l, const Warn& warn) {
 
 }  // namespace
 
+FileIdentities chain_files(const std::vector<ChainLayer>& chain) {
+  FileIdentities files;
+  for (const auto& l : chain) {
+    if (!l.file) continue;
+    files.push_back(*l.file);
+    files.back().name = files.size() == 1 ? "the source " + l.name
+                                          : fmt::format("{}, a backing file of the source", l.name);
+  }
+  return files;
+}
+
 size_t read_layer(const ChainLayer& l, MutableBytes buf, uint64_t offset) {
   if (l.read) return l.read(buf, offset);
   return pread_some(l.fd.get(), buf, offset, l.name);
@@ -106,13 +118,14 @@ std::string resolve_backing_name(const std::string& image, const std::string& ba
 
 std::vector<ChainLayer> open_image_chain(UniqueFd fd, const std::string& path, const Warn& warn) {
   std::vector<ChainLayer> chain;
-  std::set<FileId> seen;
+  std::set<FileKey> seen;
   ChainLayer top;
   top.name = path;
   top.fd = std::move(fd);
-  FileId id{};
-  std::tie(top.file_size, id) = stat_image(top.fd.get(), top.name);
-  seen.insert(id);
+  auto [size, id] = stat_image(top.fd.get(), top.name);
+  top.file_size = size;
+  top.file = id;
+  seen.insert(FileKey(id));
   open_qcow2_layer(top, warn);
   chain.push_back(std::move(top));
 
@@ -135,8 +148,8 @@ std::vector<ChainLayer> open_image_chain(UniqueFd fd, const std::string& path, c
       throw_errno(ErrorKind::Input, upper.name,
                   fmt::format("cannot open its backing file {}", l.name), errno);
     l.fd = UniqueFd(raw_fd);
-    std::tie(l.file_size, id) = stat_image(l.fd.get(), l.name);
-    if (!seen.insert(id).second)
+    std::tie(l.file_size, l.file) = stat_image(l.fd.get(), l.name);
+    if (!seen.insert(FileKey(*l.file)).second)
       throw Error(ErrorKind::Input,
                   fmt::format("{}: backing chain loops: {} is already part of it", path, l.name));
 

@@ -11,6 +11,7 @@
 #include "image/qcow2_header.hpp"
 #include "util/bytes.hpp"
 #include "util/fd.hpp"
+#include "util/file_identity.hpp"
 
 namespace diskferry {
 
@@ -29,7 +30,11 @@ struct ChainLayer {
   uint64_t size = 0;                 // guest-visible bytes of this layer
   std::optional<Qcow2Header> qcow2;  // nullopt: a raw file
   std::vector<uint64_t> l1;          // qcow2: the active L1 table, host byte order
+  std::optional<FileIdentity> file;  // a local layer: which file it is
 };
+
+// The local files of a chain, top first.
+FileIdentities chain_files(const std::vector<ChainLayer>& chain);
 
 using Warn = std::function<void(const std::string&)>;
 

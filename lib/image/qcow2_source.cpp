@@ -511,7 +511,9 @@ class Qcow2Source final : public Source {
       : name_(std::move(name)),
         chain_(std::move(chain)),
         threads_(std::clamp(
-            threads ? threads : static_cast<int>(std::thread::hardware_concurrency()), 1, 1024)) {}
+            threads ? threads : static_cast<int>(std::thread::hardware_concurrency()), 1, 1024)) {
+    set_files(chain_files(chain_));
+  }
   const std::string& name() const override { return name_; }
   std::optional<uint64_t> known_size() const override { return chain_.front().size; }
   std::optional<uint64_t> input_bytes() const override { return chain_.front().size; }

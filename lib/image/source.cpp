@@ -331,37 +331,30 @@ std::vector<Extent> normalise(std::vector<Extent> v) {
   return out;
 }
 
-}  // namespace
-
-SourceFormat parse_source_format(const std::string& s) {
-  if (s == "raw") return SourceFormat::Raw;
-  if (s == "qcow2") return SourceFormat::Qcow2;
-  if (s == "vhdx") return SourceFormat::Vhdx;
-  throw Error(ErrorKind::Usage,
-              fmt::format("--source-format '{}': expected raw, qcow2 or vhdx", s));
+// -O asis of a qcow2 with a backing file copies the top layer alone: a file that is useless
+// without the backing file, which the copy does not carry.
+void warn_if_backed(int fd, const std::string& path, uint64_t size, const SourceOptions& opts) {
+  if (!opts.on_warning) return;
+  std::vector<std::byte> head(
+      static_cast<size_t>(std::min<uint64_t>(size, uint64_t{1} << kQcow2MaxClusterBits)));
+  head.resize(pread_some(fd, head, 0, path));
+  std::string backing;
+  try {
+    backing = parse_qcow2_header(head, size, path).backing_file;
+  } catch (const Error&) {
+    return;  // asis copies whatever the bytes are; a damaged header is not its business
+  }
+  if (!backing.empty())
+    opts.on_warning(fmt::format(
+        "{}: has a backing file ({}), which -O asis does not copy: the copy is not standalone "
+        "and cannot be restored on its own; -O qcow2 writes the whole chain as one standalone "
+        "image",
+        path, backing));
 }
 
-std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
-  SourceOptions opts = options;
-  if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
+// A local file or device opened by name: raw, qcow2, VHDX, or compressed (by magic).
+std::unique_ptr<Source> open_local(UniqueFd fd, const std::string& path, SourceOptions opts) {
   const bool as_file = opts.format == SourceFormat::File;
-  if (as_file && opts.layout)
-    throw Error(ErrorKind::Usage,
-                "--layout does not apply to -O asis (the file's bytes as they are)");
-
-  if (path == "-") {
-    std::vector<std::byte> head(4);
-    size_t n = read_some(STDIN_FILENO, head, "stdin");
-    head.resize(n);
-    SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
-    auto reader =
-        make_decoder(c, make_fd_reader(UniqueFd(::dup(STDIN_FILENO)), "stdin", head), "stdin");
-    reader = refuse_qcow2_stream(std::move(reader), "stdin", c, opts);
-    return std::make_unique<StreamSource>("stdin", c, std::nullopt, std::move(reader), false,
-                                          std::move(opts));
-  }
-
-  UniqueFd fd = open_input(path);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) throw_errno(ErrorKind::Input, path, "cannot stat source", errno);
   uint64_t size = 0;
@@ -391,6 +384,7 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
   bool vhdx = opts.format == SourceFormat::Vhdx ||
               (opts.format == SourceFormat::Auto && is_vhdx_magic(head));
   if (qcow2 && c == SourceCompression::None) return open_qcow2_source(std::move(fd), path, opts);
+  if (as_file && is_qcow2_magic(head)) warn_if_backed(fd.get(), path, size, opts);
   if (vhdx && c == SourceCompression::None)
     return open_vhdx_source(std::move(fd), path, size, opts);
   if (c == SourceCompression::None)
@@ -403,6 +397,46 @@ std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions
   if (auto img = qcow2_in_stream(first, path, c, decoded, size, opts)) return img;
   refuse_qcow2_stream(std::move(first), path, c, opts);
   return std::make_unique<StreamSource>(path, c, size, nullptr, true, std::move(opts));
+}
+
+}  // namespace
+
+SourceFormat parse_source_format(const std::string& s) {
+  if (s == "raw") return SourceFormat::Raw;
+  if (s == "qcow2") return SourceFormat::Qcow2;
+  if (s == "vhdx") return SourceFormat::Vhdx;
+  throw Error(ErrorKind::Usage,
+              fmt::format("--source-format '{}': expected raw, qcow2 or vhdx", s));
+}
+
+std::unique_ptr<Source> open_source(const std::string& path, const SourceOptions& options) {
+  SourceOptions opts = options;
+  if (opts.layout) opts.layout = normalise(std::move(*opts.layout));
+  const bool as_file = opts.format == SourceFormat::File;
+  if (as_file && opts.layout)
+    throw Error(ErrorKind::Usage,
+                "--layout does not apply to -O asis (the file's bytes as they are)");
+
+  if (path == "-") {
+    std::vector<std::byte> head(4);
+    size_t n = read_some(STDIN_FILENO, head, "stdin");
+    head.resize(n);
+    SourceCompression c = as_file ? SourceCompression::None : detect_compression(head);
+    auto reader =
+        make_decoder(c, make_fd_reader(UniqueFd(::dup(STDIN_FILENO)), "stdin", head), "stdin");
+    reader = refuse_qcow2_stream(std::move(reader), "stdin", c, opts);
+    auto src = std::make_unique<StreamSource>("stdin", c, std::nullopt, std::move(reader), false,
+                                              std::move(opts));
+    // stdin redirected from a file is that file.
+    if (auto id = identify_fd(STDIN_FILENO, "the source (stdin)")) src->set_files({*id});
+    return src;
+  }
+
+  UniqueFd fd = open_input(path);
+  auto id = identify_fd(fd.get(), "the source " + path);
+  std::unique_ptr<Source> src = open_local(std::move(fd), path, std::move(opts));
+  if (src->files().empty() && id) src->set_files({*id});
+  return src;
 }
 
 std::unique_ptr<Source> open_stream_source(const std::string& name,

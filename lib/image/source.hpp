@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "util/bytes.hpp"
+#include "util/file_identity.hpp"
 
 namespace diskferry {
 
@@ -50,6 +51,14 @@ class Source {
   virtual bool rereadable() const = 0;
   // `unit` is a power of two; offsets handed out are multiples of it.
   virtual std::unique_ptr<Pass> open_pass(uint32_t unit) = 0;
+
+  // The local files the source reads (the image, and a qcow2's backing files), so that no
+  // destination overwrites one of them. Empty for remote sources and pipes.
+  const FileIdentities& files() const { return files_; }
+  void set_files(FileIdentities files) { files_ = std::move(files); }
+
+ private:
+  FileIdentities files_;
 };
 
 enum class SourceCompression { None, Gzip, Zstd };

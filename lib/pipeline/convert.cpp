@@ -53,6 +53,11 @@ bool use_single_pass(const FormatWriter& writer, const Source& source, const Des
   if (!writer.needs_header_fixup()) return true;
   bool rewrite_ok = sink.supports_rewrite() && spec.compress.codec == StreamCodec::None;
   if (!rewrite_ok) return false;
+  // A device the largest possible image would not fit: a plan gives the exact size, checked
+  // before the first byte is written.
+  if (auto cap = sink.capacity(); cap && source.known_size() && source.rereadable() &&
+                                  writer.max_size(*source.known_size()) > *cap)
+    return false;
   // A planned layout lets the checksum be computed as the bytes go out and never writes out of
   // order; where the destination prefers that, the second read of the source is worth it.
   return !(dest.prefers_planned() && source.rereadable());
@@ -172,6 +177,10 @@ std::vector<std::unique_ptr<Run>> attempt(Source& source, const std::vector<Outp
       else
         throw Error(ErrorKind::Usage, cannot_stream_message(source, dest, spec));
     }
+    // Raw of a known size is exactly that size: a device too small is refused before writing.
+    if (run.single && raw->capacity() && !run.writer->needs_header_fixup() && source.known_size() &&
+        spec.compress.codec == StreamCodec::None)
+      raw->expect_size(run.writer->max_size(*source.known_size()));
     run.r.single_pass = run.single;
     if (o.wrap_destination) raw = o.wrap_destination(std::move(raw));
     if (dest.wants_sha256()) raw = make_sha256_sink(std::move(raw), &run.r.sha256);

@@ -52,6 +52,7 @@ class QueuedSink final : public Sink {
     drain();
     inner_->expect_at_most(n);
   }
+  std::optional<uint64_t> capacity() const override { return inner_->capacity(); }
   void commit() override {
     drain();
     stop();

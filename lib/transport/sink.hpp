@@ -4,9 +4,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "util/bytes.hpp"
+#include "util/file_identity.hpp"
 
 namespace diskferry {
 
@@ -26,6 +28,8 @@ class Sink {
   // At most that many bytes will be written (outer compression of an output of known size).
   // Lets a destination warn when it may not hold them.
   virtual void expect_at_most(uint64_t) {}
+  // The most bytes the destination can take, when it has a fixed size (a block device).
+  virtual std::optional<uint64_t> capacity() const { return std::nullopt; }
   // The SHA-256 (hex) of everything written, given just before commit() to destinations that
   // publish a checksum next to the file.
   virtual void set_sha256(const std::string&) {}
@@ -47,6 +51,7 @@ class FilterSink : public Sink {
   void rewrite(uint64_t offset, Bytes data) override { inner_->rewrite(offset, data); }
   void expect_size(uint64_t n) override { inner_->expect_size(n); }
   void expect_at_most(uint64_t n) override { inner_->expect_at_most(n); }
+  std::optional<uint64_t> capacity() const override { return inner_->capacity(); }
   void set_sha256(const std::string& hex) override { inner_->set_sha256(hex); }
   void commit() override { inner_->commit(); }
   void abort() noexcept override { inner_->abort(); }
@@ -60,15 +65,22 @@ class FilterSink : public Sink {
 };
 
 // "-" is stdout; a regular file is written as PATH.partial and renamed on commit; an existing
-// block or character device is written in place. A block device's zero ranges are zeroed with
-// BLKZEROOUT where it has it (it keeps old data where nothing is written); `discard`: first try
-// to deallocate them in a way that guarantees zeros (fallocate PUNCH_HOLE, never BLKDISCARD).
+// block or character device is written in place (a block device opened exclusively: refused
+// while mounted or written by another run). PATH.partial is locked (flock) for the whole run:
+// a second run writing the same PATH is refused (Error(Usage)), a partial left by a killed run
+// is taken over. A PATH that is a symbolic link is written where it points. A block device's zero
+// ranges are zeroed with BLKZEROOUT where it has it (it keeps old data where nothing is written);
+// `discard`: first try to deallocate them in a way that guarantees zeros (fallocate PUNCH_HOLE,
+// never BLKDISCARD).
 struct FileSinkOptions {
   // A block device's zero ranges are deallocated where that keeps them reading as zeros.
   bool discard = false;
   // fsync before the rename (and the directory after it), so a crash never leaves a file under
   // the final name whose data is not on disk. Off only on request, for scratch copies.
   bool sync = true;
+  // The files the run reads: refused as the destination or its partial file, before anything
+  // is written.
+  FileIdentities inputs;
 };
 std::unique_ptr<Sink> open_file_sink(const std::string& path, const FileSinkOptions& options = {});
 

@@ -4,13 +4,16 @@
 Run: test_convert.py PATH/TO/diskferry   (ctest passes the binary)
 """
 import gzip
+import hashlib
 import json
 import os
 import random
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 DF = None  # path of the diskferry binary
@@ -304,6 +307,66 @@ class BlockDevices(unittest.TestCase):
         run(DF, "convert", img, "-O", "raw", "-o", dst_dev)
         run("cmp", img, dst_dev)
 
+    def fill(self, path, size):
+        with open(path, "wb") as f:
+            f.write(b"\xee" * size)
+        return path
+
+    def digest(self, path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    def test_device_smaller_than_the_output_is_refused_before_writing(self):
+        target = self.fill(os.path.join(self.dir, "small.dev"), 16 * MiB)
+        dev = self.loop(target)
+        before = self.digest(target)
+        img = os.path.join(self.dir, "big.img")
+        make_sparse(img, 20 * MiB, [(0, rnd(20 * MiB, 3))])
+        for fmt in ("raw", "qcow2", "vhdx"):
+            with self.subTest(fmt):
+                p = run(DF, "convert", img, "-O", fmt, "-o", dev, check=False)
+                err = p.stderr.decode()
+                self.assertEqual(p.returncode, 1, err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(f"{dev}: block device too small: it holds 16777216 (16.0 MiB), "
+                              "the output needs ", err)
+                self.assertEqual(self.digest(target), before, "the device was written")
+        # A stream's size is known only at its end: still one line saying why.
+        with open(img, "rb") as f:
+            p = run(DF, "convert", "-", "-O", "raw", "-o", dev, stdin=f, check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn(f"{dev}: block device too small", p.stderr.decode())
+        # A qcow2 larger than the device only if every cluster held data fits when its plan
+        # says so.
+        sparse = os.path.join(self.dir, "sparse.img")
+        make_sparse(sparse, 64 * MiB, [(5 * MiB, rnd(MiB, 4))])
+        run(DF, "convert", sparse, "-O", "qcow2", "-o", dev)
+        run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", sparse, dev)
+
+    def test_mounted_device_is_refused(self):
+        target = self.fill(os.path.join(self.dir, "fs.dev"), 16 * MiB)
+        dev = self.loop(target)
+        run("mkfs.ext4", "-q", dev)
+        mnt = os.path.join(self.dir, "mnt")
+        os.mkdir(mnt)
+        run("mount", dev, mnt)
+        try:
+            inside = os.path.join(mnt, "vm.img")
+            make_sparse(inside, 4 * MiB, [(0, rnd(MiB, 5))])
+            other = os.path.join(self.dir, "other.img")
+            make_sparse(other, 4 * MiB, [(0, rnd(MiB, 6))])
+            for src, why in ((inside, "holding the source " + inside), (other, "in use")):
+                with self.subTest(src):
+                    p = run(DF, "convert", src, "-O", "raw", "-o", dev, check=False)
+                    err = p.stderr.decode()
+                    self.assertNotEqual(p.returncode, 0, err)
+                    self.assertEqual(err.count("\n"), 1, err)
+                    self.assertIn(why, err)
+            with open(inside, "rb") as f:
+                self.assertEqual(f.read(), rnd(MiB, 5) + bytes(3 * MiB), "the source changed")
+        finally:
+            run("umount", mnt)
+
 
 def data_ranges(path):
     """The file's data extents (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
@@ -475,6 +538,202 @@ class BadInput(unittest.TestCase):
         self.assertNotEqual(p.returncode, 0)
         with open(self.dest, "rb") as f:
             self.assertEqual(f.read(), b"previous backup")
+
+
+class DestinationIsAnInput(unittest.TestCase):
+    """A destination that is a file the run reads (by any name) is refused before anything is
+    written: one line, non-zero exit, every input unchanged, nothing created."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="df-self-", dir="/var/tmp")
+        self.src = self.p("s2.raw")
+        make_sparse(self.src, 4 * MiB, [(0, rnd(3 * MiB, 1))])
+        run("qemu-img", "create", "-q", "-f", "qcow2", self.p("base.qcow2"), "8M")
+        run("qemu-io", "-c", "write -P 0xab 0 2M", self.p("base.qcow2"))
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+            self.p("top.qcow2"))
+        run("qemu-io", "-c", "write -P 0xcd 1M 1M", self.p("top.qcow2"))
+        with open(self.p("vm.ovf"), "w") as f:
+            f.write("<Envelope/>\n")
+        with open(self.p("layout.json"), "w") as f:
+            json.dump([{"offset": 0, "length": MiB, "exists": "true"}], f)
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def p(self, name):
+        return os.path.join(self.dir, name)
+
+    def digests(self):
+        out = {}
+        for n in sorted(os.listdir(self.dir)):
+            path = self.p(n)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    out[n] = hashlib.sha256(f.read()).hexdigest()
+        return out
+
+    def refused(self, *args, why, stdin=None):
+        before, names = self.digests(), sorted(os.listdir(self.dir))
+        p = run(DF, "convert", *args, check=False, stdin=stdin, cwd=self.dir)
+        err = p.stderr.decode()
+        self.assertNotEqual(p.returncode, 0, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertTrue(err.startswith("diskferry: "), err)
+        self.assertIn(why, err)
+        self.assertEqual(self.digests(), before, "an input changed")
+        self.assertEqual(sorted(os.listdir(self.dir)), names, "something was created")
+        return err
+
+    def test_same_path(self):
+        for fmt in ("qcow2", "vhdx", "raw"):
+            self.refused(self.src, "-O", fmt, "-o", self.src,
+                         why=f"{self.src}: is the same file as the source {self.src}")
+        self.refused("s2.raw", "-O", "qcow2", "-o", "./s2.raw", why="same file")
+
+    def test_symlink(self):
+        os.symlink("s2.raw", self.p("link.raw"))
+        self.refused(self.p("link.raw"), "-O", "vhdx", "-o", self.src, why="same file")
+        self.refused(self.src, "-O", "vhdx", "-o", self.p("link.raw"), why="same file")
+
+    def test_hard_link(self):
+        os.link(self.src, self.p("hard.raw"))
+        self.refused(self.src, "-O", "qcow2", "-o", self.p("hard.raw"), why="same file")
+
+    def test_backing_file_of_the_chain(self):
+        self.refused(self.p("top.qcow2"), "-O", "qcow2", "-o", self.p("base.qcow2"),
+                     why="a backing file of the source")
+
+    def test_container_file(self):
+        self.refused(self.src, "-O", "qcow2", "--container", "tar", "--container-file",
+                     self.p("vm.ovf"), "-o", self.p("vm.ovf"), why="--container-file")
+
+    def test_layout_file(self):
+        self.refused(self.src, "-O", "raw", "--layout", self.p("layout.json"), "-o",
+                     self.p("layout.json"), why="--layout file")
+
+    def test_source_is_the_partial_file_of_dest(self):
+        os.rename(self.src, self.p("x.partial"))
+        self.refused(self.p("x.partial"), "-O", "raw", "-o", self.p("x"), why="x.partial")
+
+    def test_stdin_redirected_from_dest(self):
+        with open(self.src, "rb") as f:
+            self.refused("-", "-O", "qcow2", "-o", self.src, stdin=f, why="the source (stdin)")
+
+    def test_one_such_output_stops_every_output(self):
+        self.refused(self.src, "-O", "raw", "-o", self.p("fine.raw"), "-O", "qcow2", "-o",
+                     self.src, why="same file")
+
+    def test_loop_device_by_two_names(self):
+        if os.geteuid() != 0:
+            self.skipTest("needs root for loop devices")
+        p = run("losetup", "--find", "--show", self.src, check=False)
+        if p.returncode != 0:
+            self.skipTest("no loop device")
+        dev = p.stdout.decode().strip()
+        try:
+            node = self.p("second-node")
+            os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+            self.refused(dev, "-O", "raw", "-o", node, why="same device")
+            self.refused(node, "-O", "qcow2", "-o", dev, why="same device")
+        finally:
+            run("losetup", "-d", dev, check=False)
+
+
+class ConcurrentRuns(unittest.TestCase):
+    """Two runs writing one DEST: each owns its DEST.partial (flock); the second is refused, and
+    what is published is exactly what the run that exits 0 wrote."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="df-conc-", dir="/var/tmp")
+        self.dest = os.path.join(self.dir, "lc.raw")
+        self.small = os.path.join(self.dir, "small.raw")
+        make_sparse(self.small, 2 * MiB, [(0, rnd(2 * MiB, 21))])
+        self.slow_data = rnd(8 * MiB, 22)
+        self.slow_file = os.path.join(self.dir, "slow.raw")
+        with open(self.slow_file, "wb") as f:
+            f.write(self.slow_data)
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start_slow(self):
+        """A run reading a pipe fed from here: it stays in the middle of its write."""
+        a = subprocess.Popen([DF, "convert", "-", "-O", "raw", "-o", self.dest],
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        a.stdin.write(self.slow_data[:4 * MiB])
+        a.stdin.flush()
+        for _ in range(100):
+            if os.path.exists(self.dest + ".partial"):
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        return a
+
+    def reference(self, source):
+        ref = os.path.join(self.dir, "ref-" + os.path.basename(source))
+        run(DF, "convert", source, "-O", "raw", "-o", ref)
+        return ref
+
+    def test_second_run_refused_and_the_first_publishes_its_own_bytes(self):
+        a = self.start_slow()
+        b = run(DF, "convert", self.small, "-O", "raw", "-o", self.dest, check=False)
+        a.stdin.write(self.slow_data[4 * MiB:])
+        a.stdin.close()
+        a_err = a.stderr.read().decode()
+        a.stderr.close()
+        a.wait(timeout=60)
+        codes = {"slow": a.returncode, "small": b.returncode}
+        self.assertEqual(sorted(codes.values()).count(0), 1, (codes, a_err, b.stderr))
+        winner = "slow" if a.returncode == 0 else "small"
+        loser_err = b.stderr.decode() if winner == "slow" else a_err
+        self.assertEqual(loser_err.count("\n"), 1, loser_err)
+        self.assertIn("being written by another diskferry run", loser_err)
+        ref = self.reference(self.slow_file if winner == "slow" else self.small)
+        self.assertEqual(run("cmp", ref, self.dest, check=False).returncode, 0,
+                         f"{self.dest} is not what the run that exited 0 ({winner}) wrote")
+        self.assertFalse(os.path.exists(self.dest + ".partial"))
+
+    def test_partial_left_by_a_killed_run_is_taken_over(self):
+        a = self.start_slow()
+        a.kill()
+        a.wait()
+        a.stdin.close()
+        a.stderr.close()
+        self.assertTrue(os.path.exists(self.dest + ".partial"))
+        run(DF, "convert", self.small, "-O", "raw", "-o", self.dest)
+        self.assertEqual(run("cmp", self.reference(self.small), self.dest,
+                             check=False).returncode, 0)
+        self.assertFalse(os.path.exists(self.dest + ".partial"))
+
+    def test_partial_name_that_is_a_symlink_is_refused(self):
+        victim = os.path.join(self.dir, "victim")
+        with open(victim, "wb") as f:
+            f.write(b"not yours")
+        os.symlink(victim, self.dest + ".partial")
+        p = run(DF, "convert", self.small, "-O", "raw", "-o", self.dest, check=False)
+        err = p.stderr.decode()
+        self.assertNotEqual(p.returncode, 0, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("symbolic link", err)
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"not yours")
+        self.assertFalse(os.path.exists(self.dest))
+
+    def test_dest_that_is_a_symlink_is_written_where_it_points(self):
+        os.mkdir(os.path.join(self.dir, "volume"))
+        real = os.path.join(self.dir, "volume", "vm.raw")
+        with open(real, "wb") as f:
+            f.write(b"old")
+        os.symlink(real, self.dest)
+        run(DF, "convert", self.small, "-O", "raw", "-o", self.dest)
+        self.assertTrue(os.path.islink(self.dest), "the link was replaced by a file")
+        self.assertEqual(run("cmp", self.small, real, check=False).returncode, 0)
+        self.assertEqual(sorted(os.listdir(os.path.join(self.dir, "volume"))), ["vm.raw"])
+        os.unlink(real)
+        p = run(DF, "convert", self.small, "-O", "raw", "-o", self.dest, check=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("symbolic link", p.stderr.decode())
 
 
 if __name__ == "__main__":

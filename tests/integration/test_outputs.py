@@ -233,6 +233,41 @@ class Outputs(unittest.TestCase):
         self.assertEqual(sha(self.p("ap.vhdx")),
                          sha(self.single("ap.vhdx", "-O", "vhdx", "--block-size", "1M")))
 
+    def test_an_output_that_cannot_be_opened_fails_alone(self):
+        missing = self.p("no-such-dir/x.qcow2")
+        p = run(DF, "convert", self.top, "--no-progress", "-O", "qcow2", "-o", missing,
+                "-O", "vhdx", "-o", self.p("opened.vhdx"))
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(f"diskferry: {missing}.partial: cannot create destination: No such file",
+                      p.stderr)
+        self.assertIn("1 of 2 outputs failed", p.stderr)
+        self.assert_same_disk(self.p("opened.vhdx"), "vhdx")
+
+    def test_a_destination_the_command_gets_wrong_stops_every_output(self):
+        for bad, words in ((self.base, "a backing file of the source"),
+                           (self.dir, "destination is a directory")):
+            with self.subTest(bad=bad):
+                p = run(DF, "convert", self.top, "--no-progress", "-O", "vhdx", "-o",
+                        self.p("never.vhdx"), "-O", "qcow2", "-o", bad)
+                self.assertEqual(p.returncode, 2, p.stderr)
+                self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+                self.assertIn(words, p.stderr)
+                for left in ("never.vhdx", "never.vhdx.partial"):
+                    self.assertFalse(os.path.exists(self.p(left)), left)
+
+    def test_asis_of_an_image_with_a_backing_file_warns(self):
+        p = ok(run(DF, "convert", self.top, "--no-progress", "-O", "asis", "-o",
+                   self.p("asis.qcow2")))
+        warnings = [l for l in p.stderr.splitlines() if "warning" in l]
+        self.assertEqual(len(warnings), 1, p.stderr)
+        self.assertIn(f"{self.top}: has a backing file (base.qcow2)", warnings[0])
+        self.assertIn("not standalone", warnings[0])
+        self.assertIn("-O qcow2", warnings[0])
+        self.assertEqual(sha(self.p("asis.qcow2")), sha(self.top))
+        p = ok(run(DF, "convert", self.base, "--no-progress", "-O", "asis", "-o",
+                   self.p("asis-base.qcow2")))
+        self.assertNotIn("warning", p.stderr)
+
     def test_ova_reads_back_with_tar(self):
         ova = self.p("vm.ova")
         ok(run(DF, "convert", self.top, "--no-progress", "-O", "qcow2", "--container", "tar",

@@ -441,6 +441,19 @@ class Restore(unittest.TestCase):
                 self.assertFalse(os.path.exists(out))
                 self.assertFalse(os.path.exists(out + ".partial"))
 
+    def test_the_source_url_as_destination_is_refused(self):
+        path = os.path.join(self.remote, "disk.raw")
+        with open(path, "rb") as f:
+            before = f.read()
+        url = self.server.url("/backups/r/disk.raw")
+        p = run(DF, "convert", url, "-O", "qcow2", *self.opts, "-o", url)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertEqual(len(p.stderr.strip().splitlines()), 1, p.stderr)
+        self.assertIn("is also the source of this run", p.stderr)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before, "the backup changed")
+        self.assertFalse(os.path.exists(path + ".partial"))
+
 
 if __name__ == "__main__":
     DF = os.path.abspath(sys.argv.pop(1))
