@@ -233,10 +233,11 @@ class ClientSide(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertEqual(run("cmp", self.src, self.remote("agent.raw")).returncode, 0)
 
-    def alias_config(self, path, identity):
+    def alias_config(self, path, *identities):
         with open(path, "w") as f:
             f.write(f"Host backupbox\n  HostName 127.0.0.1\n  Port {self.server.port}\n"
-                    f"  User {self.server.user}\n  IdentityFile {identity}\n")
+                    f"  User {self.server.user}\n")
+            f.writelines(f"  IdentityFile {i}\n" for i in identities)
         return path
 
     def test_home_is_the_password_databases(self):
@@ -279,12 +280,16 @@ class ClientSide(unittest.TestCase):
         self.assertFalse(os.path.exists(self.remote("loose.raw")))
 
     def test_refused_login_names_the_keys_tried(self):
-        # An agent holding one key and an IdentityFile, neither authorised on the server: the
-        # refusal says how many keys the agent offered and which files were tried.
+        # An agent holding one key and two IdentityFiles, none authorised on the server (one
+        # has a passphrase: passed over): the refusal says how many keys the agent offered and
+        # which files were tried.
         home = tempfile.mkdtemp(dir=self.dir)
         agent_key, _ = client_keypair(home, "ed25519", name="agent_stranger")
         file_key, _ = client_keypair(home, "ed25519", name="file_stranger")
-        cfg = self.alias_config(os.path.join(home, "ssh_config"), file_key)
+        locked = os.path.join(home, "locked_key")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", locked],
+                       check=True)
+        cfg = self.alias_config(os.path.join(home, "ssh_config"), locked, file_key)
         with ssh_agent(home) as sock:
             env = {"PATH": os.environ["PATH"], "HOME": home, "SSH_AUTH_SOCK": sock}
             add = run("ssh-add", agent_key, env=env)
@@ -294,7 +299,8 @@ class ClientSide(unittest.TestCase):
                     "sftp://backupbox/backups/never.raw", env=env)
             self.assertNotEqual(p.returncode, 0)
             self.assertEqual(p.stderr.count("\n"), 1, p.stderr)
-            self.assertIn(f"authentication refused for ssh-agent (1 key) and {file_key}",
+            self.assertIn(f"authentication refused for ssh-agent (1 key) and {locked} "
+                          f"(unreadable: passphrase-protected keys need ssh-agent), {file_key}",
                           p.stderr)
 
     def test_bwlimit_holds_the_rate(self):

@@ -339,6 +339,7 @@ class Hostile(unittest.TestCase):
                     f"    url: {self.server.url('backups/' + name)}\n"
                     f"    identity: {self.server.client_key}\n    known_hosts: {self.kh}\n"
                     f"sources:\n  s:\n    path: {self.src}\n    snapshot: none\n"
+                    f"    compress: none\n"  # a plain qcow2: the flipped byte meets only sha256
                     f"    remote: h\n    verify: after_upload\n"
                     f"    retries: {{max_attempts: 2, backoff: 1s..1s}}\n")
         bindir = os.path.dirname(DF)

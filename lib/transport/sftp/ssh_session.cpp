@@ -206,15 +206,22 @@ void SshSession::authenticate(const SshOptions& o, const std::string& config,
     return ConnectError(ConnectFailure::Unreachable, fmt::format("{}: authentication failed: {}",
                                                                  where_, ssh_get_error(s_.get())));
   };
-  // Permission first, like ssh: a key others can read is refused before it is used.
-  auto try_key = [&](const std::string& path) {
+  // Permission first, like ssh: a key others can read is refused before it is used. A key that
+  // cannot be read (a passphrase) ends the login when it was named, and is passed over when it
+  // is one of the candidates (`unreadable` is then set).
+  auto try_key = [&](const std::string& path, bool* unreadable = nullptr) {
     check_private_key_permissions(path);
     ssh_key raw = nullptr;
-    if (ssh_pki_import_privkey_file(path.c_str(), nullptr, nullptr, nullptr, &raw) != SSH_OK)
+    if (ssh_pki_import_privkey_file(path.c_str(), nullptr, nullptr, nullptr, &raw) != SSH_OK) {
+      if (unreadable) {
+        *unreadable = true;
+        return false;
+      }
       throw Error(ErrorKind::Usage,
                   fmt::format("{}: cannot read private key (passphrase-protected keys need "
                               "ssh-agent)",
                               path));
+    }
     Key key(raw);
     int rc = ssh_userauth_publickey(s_.get(), nullptr, key.get());
     if (rc == SSH_AUTH_ERROR) throw failed();
@@ -241,13 +248,15 @@ void SshSession::authenticate(const SshOptions& o, const std::string& config,
   std::vector<std::string> files = config_identity_files(config, target);
   for (std::string& f : default_identity_files()) files.push_back(std::move(f));
 
-  std::vector<std::string> tried;
+  std::vector<std::string> seen, tried;
   for (const std::string& f : files) {
     struct stat st {};
-    if (std::find(tried.begin(), tried.end(), f) != tried.end() || ::stat(f.c_str(), &st) != 0)
+    if (std::find(seen.begin(), seen.end(), f) != seen.end() || ::stat(f.c_str(), &st) != 0)
       continue;
-    if (try_key(f)) return;
-    tried.push_back(f);
+    seen.push_back(f);
+    bool unreadable = false;
+    if (try_key(f, &unreadable)) return;
+    tried.push_back(unreadable ? f + " (unreadable: passphrase-protected keys need ssh-agent)" : f);
   }
   std::string agent = !agent_keys        ? "ssh-agent (none running)"
                       : *agent_keys == 1 ? "ssh-agent (1 key)"
