@@ -152,6 +152,11 @@ void write_new(Channel& ch, const std::string& path, const std::string& text, ui
         "{}: {}: another diskferry run is starting to write it ({} is being created or is not "
         "a diskferry lock); if no run is writing it, remove {} on the server",
         ch.where(), final_path, lock, lock));
+  if (same_machine(*h, me) && h->pid == me.pid && h->start == me.start)
+    throw LockedError(
+        fmt::format("{}: {}: another upload of this process writes it too; give "
+                    "each output a NAME of its own",
+                    ch.where(), final_path));
   if (same_machine(*h, me))
     throw LockedError(fmt::format(
         "{}: {}: another diskferry run is writing it (pid {} on this host, for {}; lock {}); "
