@@ -166,10 +166,13 @@ class Rclone(SftpUpload, unittest.TestCase):
     SERVER = RcloneServer
 
     def test_permission_denied_outside_writable_dir(self):
-        # rclone opens files lazily: its refusal comes with the writes, in its own words.
+        # rclone opens files lazily: its refusal comes with the first use, in its own words. That
+        # is the lock's, which is written before NAME.partial.
         p = self.convert("not-writable.qcow2", "-O", "qcow2")
-        self.assert_refused(p, "/not-writable.qcow2.partial: write of", "failed")
+        self.assert_refused(p, "/not-writable.qcow2.lock: cannot open", "failed",
+                            "taking the lock before writing /not-writable.qcow2.partial")
         self.assertFalse(os.path.exists(self.server.local_path("/not-writable.qcow2.partial")))
+        self.assertFalse(os.path.exists(self.server.local_path("/not-writable.qcow2.lock")))
 
 
 class ClientSide(unittest.TestCase):

@@ -293,14 +293,12 @@ class SftpSink final : public Sink {
         free = free_space(fresh);
       } catch (const Error&) {
       }
+      // With room to spare the cause is something else, which the server's words may tell.
       constexpr uint64_t kNearlyFull = 64u << 20;
-      std::string why =
-          !free ? "the remote is probably full"
-          : *free < kNearlyFull
-              ? fmt::format("the remote is probably full ({} free there)", format_size(*free))
-              : fmt::format("{} is free there, so perhaps a quota is exhausted",
-                            format_size(*free));
-      throw StatusError(e.code(), fmt::format("{}; {}", e.what(), why));
+      if (free && *free >= kNearlyFull) throw;
+      throw StatusError(
+          e.code(), fmt::format("{}; the remote is probably full{}", e.what(),
+                                free ? fmt::format(" ({} free there)", format_size(*free)) : ""));
     }
   }
 

@@ -106,8 +106,9 @@ SshSession::SshSession(const Url& url, const SshOptions& o) : s_(ssh_new()) {
     int rc = direct ? ::getaddrinfo(host_name.c_str(), nullptr, nullptr, &ai) : 0;
     if (ai) freeaddrinfo(ai);
     if (rc == EAI_NONAME || rc == EAI_FAIL || rc == EAI_NODATA)
-      throw ConnectError(ConnectFailure::HostUnknown,
-                         fmt::format("{}: cannot resolve host name '{}'", where_, host_name));
+      throw ConnectError(
+          ConnectFailure::HostUnknown,
+          fmt::format("{}: cannot connect: cannot resolve host name '{}'", where_, host_name));
     throw ConnectError(ConnectFailure::Unreachable,
                        fmt::format("{}: cannot connect: {}", where_, ssh_get_error(s_.get())));
   }

@@ -152,6 +152,11 @@ void write_new(Channel& ch, const std::string& path, const std::string& text, ui
         "{}: {}: another diskferry run is starting to write it ({} is being created or is not "
         "a diskferry lock); if no run is writing it, remove {} on the server",
         ch.where(), final_path, lock, lock));
+  if (same_machine(*h, me) && h->pid == me.pid && h->start == me.start)
+    throw LockedError(
+        fmt::format("{}: {}: another upload of this process writes it too; give "
+                    "each output a NAME of its own",
+                    ch.where(), final_path));
   if (same_machine(*h, me))
     throw LockedError(fmt::format(
         "{}: {}: another diskferry run is writing it (pid {} on this host, for {}; lock {}); "
@@ -174,8 +179,10 @@ std::string lock_path(const std::string& final_path) {
   return final_path + ".lock";
 }
 
-LockTaken take_lock(Channel& ch, const std::string& final_path, const std::string& token,
-                    bool exclusive_create) {
+namespace {
+
+LockTaken take(Channel& ch, const std::string& final_path, const std::string& token,
+               bool exclusive_create) {
   const std::string lock = lock_path(final_path);
   const Holder me = self(token);
   const std::string text_of_mine = render(me);
@@ -191,11 +198,9 @@ LockTaken take_lock(Channel& ch, const std::string& final_path, const std::strin
         auto back = read_lock(ch, lock);
         if (back == text_of_mine) return LockTaken::Fresh;
         refuse(ch, final_path, lock, back ? parse(*back) : std::nullopt, me);
-      } catch (const StatusError& e) {
+      } catch (const StatusError&) {
         if (ch.stat(lock)) continue;  // another run created it first: judge that one
-        throw StatusError(
-            e.code(), fmt::format("{}: cannot create {} before writing {}.partial: {}", ch.where(),
-                                  lock, final_path, status_name(e.code())));
+        throw;
       }
     }
     auto text = read_lock(ch, lock);
@@ -224,6 +229,20 @@ LockTaken take_lock(Channel& ch, const std::string& final_path, const std::strin
   }
   throw LockedError(fmt::format("{}: {}: {} keeps changing: another run is taking it", ch.where(),
                                 final_path, lock));
+}
+
+}  // namespace
+
+LockTaken take_lock(Channel& ch, const std::string& final_path, const std::string& token,
+                    bool exclusive_create) {
+  try {
+    return take(ch, final_path, token, exclusive_create);
+  } catch (const StatusError& e) {
+    // The first thing an upload writes is its lock, so this is where a directory the user may
+    // not write in shows (rclone: a lazy open that fails on the first read).
+    throw StatusError(e.code(), fmt::format("{} (taking the lock before writing {}.partial)",
+                                            e.what(), final_path));
+  }
 }
 
 void check_lock(Channel& ch, const std::string& final_path, const std::string& token) {
