@@ -416,6 +416,44 @@ class Daemon(unittest.TestCase):
             time.sleep(0.1)
         self.fail("the upload did not start")
 
+    def test_partial_of_another_run_is_not_adopted(self):
+        # A killed daemon leaves NAME.partial under its job's lock. Make both another run's: the
+        # lock's token changed (say, a CLI run to the same name that crashed) and a byte in the
+        # middle of the partial changed, far below the last MiB a resume compares. The restarted
+        # daemon takes the stale lock over but must not resume that partial: resuming it would
+        # publish the other run's byte. 64 MiB of data at 8 MiB/s, killed past 40 MiB: a resume
+        # would keep the first 20 MiB or more (all but what can be in flight).
+        self.config_sources = {"f": self.source("f", 16, mib=384)}
+        self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
+        self.cli("enqueue", "f")
+        p = self.daemon(wait=False)
+        self.wait_for_partial(40 * MiB)
+        p.kill()
+        p.wait()
+        (partial,) = [f for f in self.remote_files() if f.endswith(".partial")]
+        partial = os.path.join(self.remote_dir, partial)
+        lock = partial[:-len(".partial")] + ".lock"
+        with open(lock, "r+") as f:
+            text = f.read()
+            self.assertRegex(text, r"\ntoken job\S+\n")
+            f.seek(0)
+            f.write(re.sub(r"\ntoken \S+\n", "\ntoken cli-0123456789abcdef\n", text))
+            f.truncate()
+        with open(partial, "r+b") as f:
+            f.seek(4 * MiB)
+            b = f.read(1)
+            f.seek(4 * MiB)
+            f.write(bytes([b[0] ^ 0xFF]))
+        err = self.daemon("--once")
+        (job,) = self.jobs().values()
+        self.assert_published(job, ["-O", "qcow2"])
+        show = self.cli("show", job["id"]).stdout
+        self.assertNotIn("upload resumed at", show)
+        self.assertIn("took over the lock of an earlier run that is gone", show + err)
+        self.assertEqual(self.remote_files(), sorted([job["remote_path"],
+                                                      job["remote_path"] + ".sha256"]))
+        self.assert_no_snapshots()
+
     def test_sigterm_stops_at_a_resumable_point(self):
         # 32 MiB of data at 4 MiB/s: the signal comes while the source is still being read
         # (the few MiB already queued for the remote are sent first).
