@@ -266,6 +266,11 @@ UniqueFd lock_partial(const std::string& partial, const std::string& dest,
                   fmt::format("{}: exists and is not a regular file; diskferry writes {} there "
                               "first: remove it",
                               partial, dest));
+    if (st.st_nlink > 1)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{}: has other names (hard links), whose contents writing {} "
+                              "would destroy: remove it",
+                              partial, dest));
     refuse_input_as_destination(identify_fd(fd.get(), partial),
                                 fmt::format("{} (written as {} first)", dest, partial), inputs);
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
