@@ -7,7 +7,6 @@
 #include <sys/stat.h>
 #include <algorithm>
 #include <cerrno>
-#include <set>
 #include <utility>
 
 #include "util/error.hpp"
@@ -30,16 +29,6 @@ std::pair<uint64_t, FileIdentity> stat_image(int fd, const std::string& name) {
     throw_errno(ErrorKind::Input, name, "cannot get block device size", errno);
   return {size, *id};
 }
-
-// One file of a chain, by identity (a block device by its device number).
-struct FileKey {
-  bool block;
-  dev_t dev;
-  ino_t ino;
-  explicit FileKey(const FileIdentity& f)
-      : block(f.block), dev(f.block ? f.rdev : f.dev), ino(f.block ? 0 : f.ino) {}
-  auto operator<=>(const FileKey&) const = default;
-};
 
 std::vector<uint64_t> read_l1(const ChainLayer& l) {
   const Qcow2Header& h = *l.qcow2;
@@ -118,14 +107,14 @@ std::string resolve_backing_name(const std::string& image, const std::string& ba
 
 std::vector<ChainLayer> open_image_chain(UniqueFd fd, const std::string& path, const Warn& warn) {
   std::vector<ChainLayer> chain;
-  std::set<FileKey> seen;
+  FileIdentities seen;  // a chain is at most kMaxBackingDepth files: a list will do
   ChainLayer top;
   top.name = path;
   top.fd = std::move(fd);
   auto [size, id] = stat_image(top.fd.get(), top.name);
   top.file_size = size;
   top.file = id;
-  seen.insert(FileKey(id));
+  seen.push_back(id);
   open_qcow2_layer(top, warn);
   chain.push_back(std::move(top));
 
@@ -149,9 +138,11 @@ std::vector<ChainLayer> open_image_chain(UniqueFd fd, const std::string& path, c
                   fmt::format("cannot open its backing file {}", l.name), errno);
     l.fd = UniqueFd(raw_fd);
     std::tie(l.file_size, l.file) = stat_image(l.fd.get(), l.name);
-    if (!seen.insert(FileKey(*l.file)).second)
+    if (std::any_of(seen.begin(), seen.end(),
+                    [&](const FileIdentity& f) { return f.same_file(*l.file); }))
       throw Error(ErrorKind::Input,
                   fmt::format("{}: backing chain loops: {} is already part of it", path, l.name));
+    seen.push_back(*l.file);
 
     std::vector<std::byte> magic(4);
     magic.resize(pread_some(l.fd.get(), magic, 0, l.name));

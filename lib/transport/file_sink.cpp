@@ -166,8 +166,8 @@ class FileSink final : public Sink {
 
   // Whether the partial file's name still names the file this run has open (and locked).
   bool still_ours() const noexcept {
-    struct stat a {
-    }, b{};
+    struct stat a {};
+    struct stat b {};
     return fd_ && ::fstat(fd_.get(), &a) == 0 && ::stat(name_.c_str(), &b) == 0 &&
            a.st_dev == b.st_dev && a.st_ino == b.st_ino;
   }
@@ -266,6 +266,11 @@ UniqueFd lock_partial(const std::string& partial, const std::string& dest,
                   fmt::format("{}: exists and is not a regular file; diskferry writes {} there "
                               "first: remove it",
                               partial, dest));
+    if (st.st_nlink > 1)
+      throw Error(ErrorKind::Usage,
+                  fmt::format("{}: has other names (hard links), whose contents writing {} "
+                              "would destroy: remove it",
+                              partial, dest));
     refuse_input_as_destination(identify_fd(fd.get(), partial),
                                 fmt::format("{} (written as {} first)", dest, partial), inputs);
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
@@ -273,7 +278,10 @@ UniqueFd lock_partial(const std::string& partial, const std::string& dest,
         throw Error(ErrorKind::Usage,
                     fmt::format("{}: is being written by another diskferry run ({} is locked)",
                                 dest, partial));
-      throw_errno(ErrorKind::Output, partial, "cannot lock", errno);
+      // A filesystem without locks (some FUSE ones) is written as before locks: unguarded
+      // against a second run, rather than not at all.
+      if (errno != ENOLCK && errno != EOPNOTSUPP && errno != EINVAL)
+        throw_errno(ErrorKind::Output, partial, "cannot lock", errno);
     }
     struct stat now {};
     if (::stat(partial.c_str(), &now) != 0 || now.st_dev != st.st_dev || now.st_ino != st.st_ino)

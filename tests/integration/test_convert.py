@@ -720,6 +720,20 @@ class ConcurrentRuns(unittest.TestCase):
             self.assertEqual(f.read(), b"not yours")
         self.assertFalse(os.path.exists(self.dest))
 
+    def test_partial_name_with_other_links_is_refused(self):
+        victim = os.path.join(self.dir, "victim")
+        with open(victim, "wb") as f:
+            f.write(b"not yours")
+        os.link(victim, self.dest + ".partial")
+        p = run(DF, "convert", self.small, "-O", "raw", "-o", self.dest, check=False)
+        err = p.stderr.decode()
+        self.assertNotEqual(p.returncode, 0, err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("hard links", err)
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"not yours")
+        self.assertFalse(os.path.exists(self.dest))
+
     def test_dest_that_is_a_symlink_is_written_where_it_points(self):
         os.mkdir(os.path.join(self.dir, "volume"))
         real = os.path.join(self.dir, "volume", "vm.raw")
