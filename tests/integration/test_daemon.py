@@ -424,6 +424,8 @@ class Daemon(unittest.TestCase):
         # publish the other run's byte. 64 MiB of data at 8 MiB/s, killed past 40 MiB: a resume
         # would keep the first 20 MiB or more (all but what can be in flight).
         self.config_sources = {"f": self.source("f", 16, mib=384)}
+        # 128 MiB allocated on the shared 600 MiB XFS: freed for the tests after this one.
+        self.addCleanup(os.unlink, self.config_sources["f"]["path"])
         self.write_config(self.config_sources, remote_extra="    bwlimit: 8M\n")
         self.cli("enqueue", "f")
         p = self.daemon(wait=False)
